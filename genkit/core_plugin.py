@@ -1,0 +1,12 @@
+"""genkit's own plugin: the ELBO estimators that work for any single-latent model."""
+
+from __future__ import annotations
+
+from genkit.elbo import IWAE, StandardELBO
+from genkit.hookspecs import hookimpl
+
+
+@hookimpl
+def register_estimators(register) -> None:
+    register("elbo", StandardELBO, description="reconstruction + analytic prior matching")
+    register("iwae", IWAE, description="importance-weighted bound with k samples (Burda et al.)")

@@ -1,0 +1,116 @@
+"""The hooks a genkit plugin can implement. The docstrings here are the whole contract.
+
+A plugin is a module (or object) with functions decorated by ``genkit.hookimpl`` whose names
+are those below, made known through the entry-point group ``genkit`` in its packaging::
+
+    [project.entry-points.genkit]
+    my_plugin = "my_package.plugin"
+
+Registration hooks receive a ``register`` callable and call it once per thing they add. The
+core checks each registration (a bad or duplicate name is an error naming both plugins), and a
+plugin that fails to import or raises in a hook is reported with its name while the others keep
+working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("genkit")
+hookimpl = pluggy.HookimplMarker("genkit")
+
+
+class Register(Protocol):
+    """The ``register`` callable a registration hook receives."""
+
+    def __call__(
+        self, name: str, factory: Any, *, config: type | None = None, description: str = ""
+    ) -> None: ...
+
+
+@hookspec
+def register_models(register: Register) -> None:
+    """Register latent-variable models.
+
+    :param register: call ``register(name, factory, config=None, description="")`` once per
+        model. ``factory(data_shape, cfg)`` builds a
+        :class:`~genkit.model.LatentVariableModel` when ``config`` (an attrs class) is given:
+        ``create_model``'s keyword parameters are structured into ``config`` first, so unknown
+        keys and bad values are clear errors. Without ``config``, it is called as
+        ``factory(data_shape, **params)``.
+    """
+
+
+@hookspec
+def register_estimators(register: Register) -> None:
+    """Register ELBO estimators (implementations of :class:`genkit.elbo.ELBO`).
+
+    :param register: call ``register(name, factory, config=None, description="")`` once per
+        estimator; ``factory(**params)`` (or ``factory(cfg)`` with a ``config`` class) returns
+        the estimator, which is then called as ``estimator(model, x) -> ELBOTerms``.
+    """
+
+
+@hookspec
+def register_datasets(register: Register) -> None:
+    """Register built-in datasets, usable as ``builtin:NAME`` wherever a data file is expected.
+
+    :param register: call ``register(name, factory, description="")`` once per dataset.
+        ``factory()`` returns the dataset's arrays as ``{split: {"images" or "data": array,
+        "labels": array (optional)}}`` plus attributes, as documented in
+        :mod:`genkit.data.builtin`; genkit converts them once into its HDF5 layout in the
+        cache folder.
+    """
+
+
+@hookspec
+def register_schedules(register: Register) -> None:
+    """Register noise schedules for diffusion models (``create_model("vdm", schedule=NAME)``).
+
+    :param register: call ``register(name, factory, config=None, description="")`` once per
+        schedule; ``factory(**params)`` returns the schedule object the VDM plugin documents.
+    """
+
+
+@hookspec
+def on_train_start(trainer: Any) -> None:
+    """Called once when a training run starts (after a resume has been restored).
+
+    :param trainer: the :class:`genkit.trainer.Trainer`; ``trainer.model``, ``trainer.config``,
+        ``trainer.run_dir`` and ``trainer.log_scalar(tag, value, step)`` are available.
+    """
+
+
+@hookspec
+def on_step_end(trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
+    """Called after each optimisation step, on the process that logs (rank 0).
+
+    :param trainer: the running trainer.
+    :param step: the number of optimisation steps done so far (1 after the first).
+    :param metrics: this step's logged values by name (ELBO terms, ``elbo``,
+        ``bits_per_dim``, ``objective``, ``lr``, ``grad_norm``); only on logging steps.
+    """
+
+
+@hookspec
+def on_eval_end(trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
+    """Called after each evaluation on the test split.
+
+    :param trainer: the running trainer.
+    :param step: the optimisation step the evaluation was made at.
+    :param metrics: mean test ELBO terms, ``elbo`` and ``bits_per_dim``.
+    """
+
+
+@hookspec
+def on_checkpoint(trainer: Any, step: int, path: Path) -> None:
+    """Called after a checkpoint has been written (atomically) to ``path``.
+
+    :param trainer: the running trainer.
+    :param step: the step the checkpoint holds.
+    :param path: the checkpoint file.
+    """

@@ -1,0 +1,108 @@
+"""The abstract parts of every genkit model: ``Encoder`` q(z|x), ``Decoder`` p(x|z), ``Prior``
+p(z), and the :class:`LatentVariableModel` that holds them.
+
+Each part is an ``nn.Module`` whose call returns a :class:`torch.distributions.Distribution`,
+so that ``torch.distributions.kl_divergence`` and other libraries work on what it returns.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution
+
+if TYPE_CHECKING:
+    from genkit.elbo import ELBO, ELBOTerms
+
+
+class Encoder(nn.Module, abc.ABC):
+    """The variational posterior ``q(z | x)``: ``encoder(x)`` returns a distribution over z."""
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor) -> Distribution:
+        """``x: (B, *data_shape)`` -> ``q(z | x)`` with batch shape ``(B,)``."""
+
+
+class Decoder(nn.Module, abc.ABC):
+    """The likelihood ``p(x | z)``: ``decoder(z)`` returns a distribution over x."""
+
+    @abc.abstractmethod
+    def forward(self, z: Tensor) -> Distribution:
+        """``z: (B, *latent_shape)`` -> ``p(x | z)`` with batch shape ``(B,)`` and event
+        shape ``data_shape``."""
+
+
+class Prior(nn.Module, abc.ABC):
+    """The prior ``p(z)``: ``prior()`` returns a distribution over z with batch shape ``()``."""
+
+    @abc.abstractmethod
+    def forward(self) -> Distribution:
+        """``p(z)``, on the device of the module's buffers/parameters."""
+
+
+class StandardNormalPrior(Prior):
+    """``p(z) = N(0, I)`` over latents of ``shape``."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        self.register_buffer("_zero", torch.zeros(()), persistent=False)
+
+    def forward(self) -> Distribution:
+        from genkit.distributions import standard_normal
+
+        return standard_normal(self.shape, like=self._zero.expand(self.shape))
+
+
+class LatentVariableModel(nn.Module, abc.ABC):
+    """A latent-variable model trained by maximising its ELBO.
+
+    Subclasses set ``data_shape`` and the parts ``encoder``, ``decoder`` and ``prior``, and say
+    which estimator ``elbo`` uses by default. Everything the trainer needs is ``elbo(x)``; image
+    logging also uses ``sample(n)``.
+    """
+
+    #: The estimator ``elbo(x)`` uses when none is given: a registered name or an instance.
+    default_estimator: str | ELBO = "elbo"
+
+    def __init__(self, data_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.data_shape = tuple(int(d) for d in data_shape)
+
+    @property
+    def num_dims(self) -> int:
+        """``D``, the number of data dimensions (the denominator of bits/dim)."""
+        return math.prod(self.data_shape)
+
+    def elbo(self, x: Tensor, estimator: str | ELBO | None = None, **params: Any) -> ELBOTerms:
+        """A Monte-Carlo estimate of ``ELBO = E_q[log p(x, z) - log q(z | x)]`` for the batch
+        ``x: (B, *data_shape)``, as per-sample :class:`~genkit.elbo.ELBOTerms` in nats.
+
+        ``estimator`` is a registered estimator name (``params`` go to its factory) or an
+        :class:`~genkit.elbo.ELBO` instance; ``None`` uses ``default_estimator``.
+        """
+        from genkit.elbo import ELBO
+        from genkit.registry import create_estimator
+
+        estimator = self.default_estimator if estimator is None else estimator
+        if isinstance(estimator, ELBO):
+            if params:
+                raise TypeError("pass estimator parameters to the estimator, not to elbo()")
+            return estimator(self, x)
+        return create_estimator(estimator, **params)(self, x)
+
+    @abc.abstractmethod
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` draws from the model, shape ``(n, *data_shape)``, on the data scale."""
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")

@@ -1,0 +1,1 @@
+"""genkit's built-in real datasets, registered through the ``register_datasets`` hook."""

@@ -1,0 +1,1 @@
+"""genkit's built-in Markovian hierarchical VAE plugin (model name ``hvae``)."""

@@ -1,0 +1,1 @@
+"""genkit's built-in variational diffusion model plugin (model name ``vdm``)."""
