@@ -9,6 +9,7 @@ bins; ``-log P(x) / (D ln 2)`` is then bits/dim as DDPM, VDM and NVAE report it.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -83,11 +84,16 @@ def discretized_gaussian_log_prob(x: Tensor, mean: Tensor, log_scale: Tensor) ->
     log_mid = _log_diff_ndtr(lower, upper)
     centred = (x - mean) * inv_s
     log_pdf_mid = (
-        -0.5 * centred.square() - log_scale - 0.5 * math.log(2 * math.pi) + math.log(2 * BIN_HALF_WIDTH)
+        -0.5 * centred.square()
+        - log_scale
+        - 0.5 * math.log(2 * math.pi)
+        + math.log(2 * BIN_HALF_WIDTH)
     )
     log_mid = torch.where(torch.isfinite(log_mid), log_mid, log_pdf_mid)
     return torch.where(
-        x < -1.0 + BIN_HALF_WIDTH, log_cdf_upper, torch.where(x > 1.0 - BIN_HALF_WIDTH, log_sf_lower, log_mid)
+        x < -1.0 + BIN_HALF_WIDTH,
+        log_cdf_upper,
+        torch.where(x > 1.0 - BIN_HALF_WIDTH, log_sf_lower, log_mid),
     )
 
 
@@ -98,7 +104,10 @@ class DiscretizedGaussian(Distribution):
     draws the continuous Gaussian and snaps it to its bin, which is exact for this mass function.
     """
 
-    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
+        "loc": constraints.real,
+        "scale": constraints.positive,
+    }
     support = eight_bit
     has_rsample = False
 
@@ -130,7 +139,9 @@ class DiscretizedGaussian(Distribution):
     def sample(self, sample_shape=torch.Size(), generator: torch.Generator | None = None) -> Tensor:
         shape = self._extended_shape(sample_shape)
         with torch.no_grad():
-            noise = torch.randn(shape, generator=generator, device=self.loc.device, dtype=self.loc.dtype)
+            noise = torch.randn(
+                shape, generator=generator, device=self.loc.device, dtype=self.loc.dtype
+            )
             return quantize(self.loc.expand(shape) + self.scale.expand(shape) * noise)
 
 
@@ -157,7 +168,9 @@ class SignedBernoulli(Bernoulli):
         return super().mode * 2.0 - 1.0
 
 
-def sample(dist: Distribution, sample_shape=torch.Size(), generator: torch.Generator | None = None) -> Tensor:
+def sample(
+    dist: Distribution, sample_shape=torch.Size(), generator: torch.Generator | None = None
+) -> Tensor:
     """``dist.sample(sample_shape)`` that draws its randomness from ``generator``.
 
     torch's ``Distribution.sample`` takes no generator; this covers the families genkit's
@@ -172,7 +185,9 @@ def sample(dist: Distribution, sample_shape=torch.Size(), generator: torch.Gener
         return dist.sample(sample_shape, generator=generator)
     shape = dist._extended_shape(sample_shape)
     if isinstance(dist, Normal):
-        noise = torch.randn(shape, generator=generator, device=dist.loc.device, dtype=dist.loc.dtype)
+        noise = torch.randn(
+            shape, generator=generator, device=dist.loc.device, dtype=dist.loc.dtype
+        )
         return (dist.loc.expand(shape) + dist.scale.expand(shape) * noise).detach()
     if isinstance(dist, Bernoulli):
         u = torch.rand(shape, generator=generator, device=dist.probs.device, dtype=dist.probs.dtype)

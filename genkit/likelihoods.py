@@ -32,7 +32,9 @@ def resolve(kind: str, data_shape: tuple[int, ...]) -> str:
     if kind == "auto":
         return default_likelihood(data_shape)
     if kind not in LIKELIHOODS:
-        raise InvalidParameterError(f"unknown likelihood '{kind}'; choose from {', '.join(LIKELIHOODS)}")
+        raise InvalidParameterError(
+            f"unknown likelihood '{kind}'; choose from {', '.join(LIKELIHOODS)}"
+        )
     return kind
 
 

@@ -4,6 +4,7 @@ even)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from einops.layers.torch import Rearrange
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.SiLU) -> nn.Sequential:
     """``Linear(sizes[0], sizes[1])``, activation, ..., ``Linear(sizes[-2], sizes[-1])``."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         if i:
             layers.append(activation())
         layers.append(nn.Linear(a, b))

@@ -176,7 +176,9 @@ class Catalog:
                 kind: sorted(r.name for r in self.entries[kind].values() if r.plugin == name)
                 for kind in KINDS
             }
-            out.append(PluginInfo(name, package, version, {k: v for k, v in registered.items() if v}))
+            out.append(
+                PluginInfo(name, package, version, {k: v for k, v in registered.items() if v})
+            )
         return sorted(out, key=lambda p: p.name)
 
 
@@ -278,7 +280,9 @@ def create_model(name: str, data_shape: tuple[int, ...], **params: Any):
     """
     shape = tuple(data_shape)
     if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
-        raise InvalidParameterError(f"data_shape must be a tuple of positive ints, got {data_shape!r}")
+        raise InvalidParameterError(
+            f"data_shape must be a tuple of positive ints, got {data_shape!r}"
+        )
     return get_catalog().build("models", name, shape, **params)
 
 

@@ -87,8 +87,10 @@ class LikelihoodDecoder(Decoder):
 
     def forward(self, z: Tensor) -> Distribution:
         params = self.net(z)
-        if params.dim() == 2 and len(self.data_shape) > 1:  # MLP on images: (B, P*D) -> (B, P*C, H, W)
-            c, *rest = self.data_shape
+        if (
+            params.dim() == 2 and len(self.data_shape) > 1
+        ):  # MLP on images: (B, P*D) -> (B, P*C, H, W)
+            _, *rest = self.data_shape
             params = params.view(params.shape[0], -1, *rest)
         return likelihoods.likelihood(self.lik, params, len(self.data_shape))
 
