@@ -17,6 +17,7 @@ from genkit.errors import GenkitError
 #: command name -> "module:attribute" of a click command; each owner module adds its line.
 COMMANDS: dict[str, str] = {
     "plugins": "genkit.cli_plugins:plugins",
+    "data": "genkit.data.cli:data",
 }
 
 

@@ -60,10 +60,14 @@ def register_datasets(register: Register) -> None:
     """Register built-in datasets, usable as ``builtin:NAME`` wherever a data file is expected.
 
     :param register: call ``register(name, factory, description="")`` once per dataset.
-        ``factory()`` returns the dataset's arrays as ``{split: {"images" or "data": array,
-        "labels": array (optional)}}`` plus attributes, as documented in
-        :mod:`genkit.data.builtin`; genkit converts them once into its HDF5 layout in the
-        cache folder.
+        ``factory()`` takes no arguments and returns a :class:`genkit.data.DatasetArrays`
+        (``splits``: ``{"train": SplitArrays(images=(N, C, H, W) uint8 or data=(N, D) float,
+        labels=(N,) int or None), "test": ...}``, ``attrs``: file attributes such as
+        ``description`` and ``split_rule``) or the plain mapping ``{split: {"images" or
+        "data": array, "labels": array}}``. The factory fixes (and documents) the split.
+        genkit converts the arrays once into its HDF5 layout in the cache folder
+        (``--cache-dir``, ``$GENKIT_CACHE/datasets`` or ``~/.cache/genkit/datasets``), see
+        :mod:`genkit.data.builtin`.
     """
 
 

@@ -1,0 +1,284 @@
+"""Reading genkit's HDF5 layout as a ``torch.utils.data.Dataset`` of model-ready tensors.
+
+:class:`H5Dataset` reads one split. Images come out as float32 on the model scale
+``x = k / 127.5 - 1`` in [-1, 1] (uint8 pixel ``k``); vectors as stored. Whole batches are read
+by :meth:`H5Dataset.__getitems__`: the rows are grouped by HDF5 chunk and each chunk is read
+whole, once, into a bounded LRU cache (``cache_bytes``), so memory stays flat however large
+the file is. Small splits are read into memory at once (``in_memory``).
+
+The object is picklable and holds no open HDF5 handle across processes: each DataLoader
+worker (fork or spawn) opens the file itself on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from genkit.data.errors import (
+    CorruptFileError,
+    DataFileNotFoundError,
+    LayoutError,
+    MissingSplitError,
+    NotHDF5Error,
+)
+from genkit.data.layout import CHUNK_BYTES, DATA, IMAGES, LABELS, ordered_splits
+
+#: Splits smaller than this are read into memory when ``in_memory=None``.
+IN_MEMORY_BYTES = 256 * 2**20
+#: Default bound on the decoded chunks a streaming reader keeps (per process).
+CACHE_BYTES = 64 * 2**20
+
+
+def open_h5(path: str | Path) -> h5py.File:
+    """Open ``path`` read-only, turning every failure into one clear :class:`DataError`."""
+    path = Path(path)
+    if not path.exists():
+        raise DataFileNotFoundError(f"data file '{path}' does not exist")
+    if path.is_dir():
+        raise NotHDF5Error(f"'{path}' is a folder, not an HDF5 file")
+    try:
+        if not h5py.is_hdf5(path):
+            raise NotHDF5Error(f"'{path}' is not an HDF5 file (no HDF5 signature)")
+        return h5py.File(path, "r", rdcc_nbytes=CHUNK_BYTES)
+    except OSError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CorruptFileError(f"'{path}' is truncated or corrupt: {reason}") from None
+
+
+def describe_split(f: h5py.File, split: str, path: str | Path) -> tuple[h5py.Dataset, Any]:
+    """The values dataset and the labels dataset (or None) of ``split``, checked against the
+    layout: present, right rank and dtype, not empty, labels of matching length."""
+    groups = ordered_splits(k for k in f if isinstance(f[k], h5py.Group))
+    if split not in groups:
+        raise MissingSplitError(
+            f"split '{split}' not in '{path}'; splits: {', '.join(groups) or 'none'}"
+        )
+    group = f[split]
+    if IMAGES in group:
+        values = group[IMAGES]
+        if values.ndim != 4 or values.dtype != np.uint8:
+            raise LayoutError(
+                f"'{path}' {split}/images must be uint8 of rank 4 (N, C, H, W), got "
+                f"{values.dtype} {values.shape}"
+            )
+    elif DATA in group:
+        values = group[DATA]
+        if values.ndim != 2 or values.dtype.kind != "f":
+            raise LayoutError(
+                f"'{path}' {split}/data must be float of rank 2 (N, D), got "
+                f"{values.dtype} {values.shape}"
+            )
+    else:
+        raise MissingSplitError(
+            f"split '{split}' of '{path}' has no 'images' or 'data' dataset; it holds: "
+            f"{', '.join(group) or 'nothing'}"
+        )
+    if values.shape[0] == 0:
+        raise LayoutError(f"split '{split}' of '{path}' is empty (0 examples)")
+    labels = group.get(LABELS)
+    if labels is not None:
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise LayoutError(
+                f"'{path}' {split}/labels must be integers of shape (N,), got "
+                f"{labels.dtype} {labels.shape}"
+            )
+        if labels.shape[0] != values.shape[0]:
+            raise LayoutError(
+                f"'{path}' {split}: {labels.shape[0]} labels for {values.shape[0]} examples"
+            )
+    return values, labels
+
+
+class H5Dataset(Dataset):
+    """One split of a genkit HDF5 file as model-ready float32 tensors.
+
+    ``ds[i]``: (C, H, W) in [-1, 1] (``x = k / 127.5 - 1``) or (D,) vectors as stored;
+    ``ds.__getitems__(indices)``: (B, ...) read chunk by chunk in one pass.
+
+    :param path: the HDF5 file.
+    :param split: the group to read (``train``, ``test``).
+    :param in_memory: read the whole split at construction; ``None`` does so when the split
+        is smaller than 256 MiB.
+    :param cache_bytes: the most decoded chunk bytes a streaming reader keeps per process.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        split: str = "train",
+        *,
+        in_memory: bool | None = None,
+        cache_bytes: int = CACHE_BYTES,
+    ) -> None:
+        self.path = Path(path)
+        self.split = split
+        self.cache_bytes = int(cache_bytes)
+        with open_h5(self.path) as f:
+            values, labels = describe_split(f, split, self.path)
+            self.kind = "images" if values.name.endswith(IMAGES) else "vectors"
+            self.data_shape: tuple[int, ...] = tuple(int(d) for d in values.shape[1:])
+            self.num_examples = int(values.shape[0])
+            self.dtype = values.dtype
+            self.nbytes = int(values.size) * values.dtype.itemsize
+            self.attrs = {k: plain_value(v) for k, v in f.attrs.items()}
+            item_bytes = max(1, self.nbytes // self.num_examples)
+            stored = values.chunks[0] if values.chunks else max(1, CHUNK_BYTES // item_bytes)
+            self.chunk_len = int(min(stored, self.num_examples))
+            self.labels: np.ndarray | None = None
+            try:
+                if labels is not None:
+                    self.labels = labels[()].astype(np.int64)
+                self.in_memory = self.nbytes < IN_MEMORY_BYTES if in_memory is None else in_memory
+                self._array: np.ndarray | None = values[()] if self.in_memory else None
+                if self.kind == "vectors":
+                    self._check_finite(values)
+            except OSError as exc:
+                raise CorruptFileError(f"'{self.path}' is truncated or corrupt: {exc}") from None
+        self.chunk_bytes = self.chunk_len * item_bytes
+        #: how many decoded chunks fit in the cache (at least one)
+        self.cache_chunks = max(1, self.cache_bytes // max(1, self.chunk_bytes))
+        self._file: h5py.File | None = None
+        self._values: h5py.Dataset | None = None
+        self._pid: int | None = None
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def _check_finite(self, values: h5py.Dataset) -> None:
+        """NaN or infinite vector values are an error, found chunk by chunk."""
+        block = self._array if self._array is not None else values
+        step = self.chunk_len * 8
+        for start in range(0, self.num_examples, step):
+            part = block[start : start + step]
+            bad = ~np.isfinite(part)
+            if bad.any():
+                row = start + int(np.argwhere(bad)[0][0])
+                raise LayoutError(
+                    f"'{self.path}' {self.split}/data holds NaN or infinite values (first in row {row})"
+                )
+
+    # -- process-local file handle --------------------------------------------------------
+    def _dataset(self) -> h5py.Dataset:
+        if self._pid != os.getpid() or self._values is None:
+            # A handle inherited through fork is never used: each process opens its own.
+            self._file = open_h5(self.path)
+            self._values = describe_split(self._file, self.split, self.path)[0]
+            self._pid = os.getpid()
+            self._cache = OrderedDict()
+        return self._values
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_file=None, _values=None, _pid=None, _cache=OrderedDict())
+        return state
+
+    def close(self) -> None:
+        """Close this process's file handle (reopened on the next read)."""
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file, self._values, self._pid = None, None, None
+        self._cache = OrderedDict()
+
+    # -- reading --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def _chunk(self, c: int) -> np.ndarray:
+        """Chunk ``c`` (rows ``c * chunk_len`` onward), decoded, through the LRU cache."""
+        hit = self._cache.get(c)
+        if hit is not None:
+            self._cache.move_to_end(c)
+            return hit
+        start = c * self.chunk_len
+        values = self._dataset()
+        try:
+            block = values[start : start + self.chunk_len]
+        except OSError as exc:
+            raise CorruptFileError(f"'{self.path}' is truncated or corrupt: {exc}") from None
+        self._cache[c] = block
+        while len(self._cache) > self.cache_chunks:
+            self._cache.popitem(last=False)
+        return block
+
+    def read_raw(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The stored values (uint8 pixels or float vectors) of ``indices``, in that order:
+        (B, ...). Rows are read chunk by chunk, each chunk once."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = self.num_examples
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            bad = idx[(idx < -n) | (idx >= n)][0]
+            raise IndexError(f"index {int(bad)} out of range for {n} examples")
+        idx = np.where(idx < 0, idx + n, idx)
+        if self._array is not None:
+            return self._array[idx]
+        out = np.empty((idx.size, *self.data_shape), dtype=self.dtype)
+        chunk_of = idx // self.chunk_len
+        order = np.argsort(chunk_of, kind="stable")
+        bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
+        for group in np.split(order, bounds) if idx.size else []:
+            c = int(chunk_of[group[0]])
+            out[group] = self._chunk(c)[idx[group] - c * self.chunk_len]
+        return out
+
+    def _to_tensor(self, raw: np.ndarray) -> Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(raw))
+        if self.kind == "vectors":
+            return t.to(torch.float32)
+        # x = k / 127.5 - 1 (as genkit.distributions.to_model_scale), in place: one buffer
+        return t.to(torch.float32).div_(127.5).sub_(1.0)
+
+    def __getitems__(self, indices: Sequence[int]) -> Tensor:
+        """A whole batch: (B, C, H, W) in [-1, 1] or (B, D)."""
+        return self._to_tensor(self.read_raw(indices))
+
+    def __getitem__(self, i: int) -> Tensor:
+        """One example: (C, H, W) in [-1, 1] or (D,)."""
+        return self._to_tensor(self.read_raw([int(i)]))[0]
+
+    def __repr__(self) -> str:
+        mode = "in memory" if self.in_memory else f"streaming, cache {self.cache_bytes} B"
+        return (
+            f"H5Dataset('{self.path}', split='{self.split}', {self.kind} {self.data_shape}, "
+            f"n={self.num_examples}, {mode})"
+        )
+
+
+def plain_value(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return (
+            [plain_value(v) for v in value.tolist()] if value.dtype.kind == "O" else value.tolist()
+        )
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode()
+    return value
+
+
+def open_dataset(
+    spec: str | Path,
+    split: str = "train",
+    *,
+    in_memory: bool | None = None,
+    cache_dir: Path | None = None,
+    cache_bytes: int = CACHE_BYTES,
+) -> H5Dataset:
+    """Open one split of an HDF5 file, or of a built-in dataset given as ``"builtin:NAME"``
+    (converted into ``cache_dir`` on first use; see :func:`genkit.data.builtin.builtin_path`).
+    """
+    text = str(spec)
+    if text.startswith("builtin:"):
+        from genkit.data.builtin import builtin_path
+
+        path = builtin_path(text.removeprefix("builtin:"), cache_dir=cache_dir)
+    else:
+        path = Path(spec).expanduser()
+    return H5Dataset(path, split, in_memory=in_memory, cache_bytes=cache_bytes)

@@ -1,0 +1,242 @@
+"""Every bad input is one clear error of a specific class, and never leaves a partial file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from genkit.data import (
+    CorruptFileError,
+    DataFileNotFoundError,
+    H5Dataset,
+    LayoutError,
+    MissingSplitError,
+    NotHDF5Error,
+    OutputError,
+    SourceFormatError,
+    convert,
+    open_dataset,
+    read_idx,
+)
+from genkit.errors import DataError
+
+
+def raw_h5(path: Path, **datasets) -> Path:
+    """An HDF5 file with the given ``"group/name": array`` datasets, written by h5py alone."""
+    with h5py.File(path, "w") as f:
+        for name, value in datasets.items():
+            f.create_dataset(name, data=value)
+    return path
+
+
+def only_file(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataFileNotFoundError, match=r"data file '.*nope.h5' does not exist"):
+        open_dataset(tmp_path / "nope.h5")
+    with pytest.raises(DataFileNotFoundError, match=r"source '.*nope' does not exist"):
+        convert(tmp_path / "nope", tmp_path / "o.h5")
+
+
+def test_not_an_hdf5_file(tmp_path):
+    (tmp_path / "a.h5").write_text("hello")
+    with pytest.raises(NotHDF5Error, match=r"'.*a.h5' is not an HDF5 file"):
+        open_dataset(tmp_path / "a.h5")
+
+
+def test_truncated_file(tmp_path, helpers):
+    path = helpers.write_h5_images(tmp_path / "x.h5", n=400)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CorruptFileError, match="is truncated or corrupt"):
+        open_dataset(path)
+
+
+def test_corrupt_compressed_chunk(tmp_path, helpers):
+    path = helpers.write_h5_images(
+        tmp_path / "x.h5", n=400, shape=(1, 16, 16), compression="gzip", chunk_len=50
+    )
+    with h5py.File(path, "r") as f:
+        offset = f["train/images"].id.get_chunk_info(3).byte_offset
+    blob = bytearray(path.read_bytes())
+    blob[offset : offset + 64] = b"\xff" * 64
+    path.write_bytes(bytes(blob))
+    ds = H5Dataset(path, in_memory=False)
+    ds.__getitems__(list(range(50)))  # chunk 0 is intact
+    with pytest.raises(CorruptFileError, match="is truncated or corrupt"):
+        ds.__getitems__([160])
+    with pytest.raises(CorruptFileError, match="is truncated or corrupt"):
+        H5Dataset(path, in_memory=True)
+
+
+def test_missing_split_names_the_existing_ones(tmp_path, helpers):
+    path = helpers.write_h5_images(tmp_path / "x.h5")
+    with pytest.raises(MissingSplitError, match=r"split 'valid' not in .*; splits: train, test"):
+        open_dataset(path, "valid")
+
+
+def test_missing_dataset_names_what_is_there(tmp_path):
+    path = raw_h5(tmp_path / "x.h5", **{"train/pixels": np.zeros((3, 1, 2, 2), np.uint8)})
+    with pytest.raises(
+        MissingSplitError, match="has no 'images' or 'data' dataset; it holds: pixels"
+    ):
+        open_dataset(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        (
+            "train/images",
+            np.zeros((3, 2, 2), np.uint8),
+            r"must be uint8 of rank 4 .* got uint8 \(3, 2, 2\)",
+        ),
+        (
+            "train/images",
+            np.zeros((3, 1, 2, 2), np.float32),
+            "must be uint8 of rank 4 .* got float32",
+        ),
+        ("train/data", np.zeros((3, 2), np.int32), r"must be float of rank 2 .* got int32"),
+        ("train/images", np.zeros((0, 1, 2, 2), np.uint8), "split 'train' of .* is empty"),
+    ],
+)
+def test_wrong_rank_dtype_or_empty(tmp_path, name, value, message):
+    with pytest.raises(LayoutError, match=message):
+        open_dataset(raw_h5(tmp_path / "x.h5", **{name: value}))
+
+
+def test_non_finite_vectors(tmp_path):
+    v = np.ones((6, 2), np.float32)
+    v[4, 1] = np.inf
+    with pytest.raises(LayoutError, match=r"NaN or infinite values \(first in row 4\)"):
+        open_dataset(raw_h5(tmp_path / "x.h5", **{"train/data": v}))
+    v[4, 1] = np.nan
+    np.save(tmp_path / "v.npy", v)
+    with pytest.raises(LayoutError, match=r"1 NaN or infinite value\(s\) \(first in row 4\)"):
+        convert(tmp_path / "v.npy", tmp_path / "v.h5", test_fraction=0, keep_order=True)
+    assert only_file(tmp_path) == ["v.npy", "x.h5"]  # nothing half-written
+
+
+def test_label_count_mismatch(tmp_path, idx_folder, helpers):
+    path = raw_h5(
+        tmp_path / "x.h5",
+        **{"train/images": np.zeros((4, 1, 2, 2), np.uint8), "train/labels": np.zeros(3, np.int64)},
+    )
+    with pytest.raises(LayoutError, match="3 labels for 4 examples"):
+        open_dataset(path)
+    np.savez(tmp_path / "a.npz", x_train=np.zeros((4, 2, 2), np.uint8), y_train=np.zeros(5))
+    with pytest.raises(LayoutError, match="labels must be integers"):
+        convert(tmp_path / "a.npz", tmp_path / "a.h5")
+    np.savez(tmp_path / "b.npz", x_train=np.zeros((4, 2, 2), np.uint8), y_train=np.zeros(5, int))
+    with pytest.raises(LayoutError, match="5 labels for 4 examples"):
+        convert(tmp_path / "b.npz", tmp_path / "b.h5")
+    folder, _ = idx_folder
+    helpers.write_idx(folder / "t10k-labels-idx1-ubyte", np.zeros(5, np.uint8))
+    with pytest.raises(LayoutError, match="holds 5 labels for the 12 images"):
+        convert(folder, tmp_path / "m.h5")
+
+
+def test_output_exists_is_refused_unless_forced(tmp_path, idx_folder):
+    out = tmp_path / "m.h5"
+    out.write_text("keep me")
+    with pytest.raises(OutputError, match=r"already exists .*--force"):
+        convert(idx_folder[0], out)
+    assert out.read_text() == "keep me"
+    convert(idx_folder[0], out, force=True)
+    assert h5py.is_hdf5(out)
+
+
+def test_output_folder_missing_or_not_writable(tmp_path, idx_folder, monkeypatch):
+    with pytest.raises(OutputError, match=r"output folder '.*nowhere' does not exist"):
+        convert(idx_folder[0], tmp_path / "nowhere" / "m.h5")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputError, match="is not a folder"):
+        convert(idx_folder[0], tmp_path / "file" / "m.h5")
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, m: False if Path(p) == tmp_path else real_access(p, m)
+    )
+    with pytest.raises(OutputError, match=r"output folder '.*' is not writable"):
+        convert(idx_folder[0], tmp_path / "m.h5")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folder_for_real(tmp_path, idx_folder):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(OutputError, match="not writable"):
+            convert(idx_folder[0], ro / "m.h5")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_idx_bad_magic_and_size(tmp_path, helpers):
+    bad = tmp_path / "train-images-idx3-ubyte"
+    bad.write_bytes(b"\x12\x34\x08\x03" + b"\x00" * 20)
+    with pytest.raises(SourceFormatError, match="not an IDX file: bad magic number 0x12340803"):
+        read_idx(bad)
+    path = helpers.write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((4, 3, 3), np.uint8))
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(
+        SourceFormatError, match=r"header says 4x3x3 of uint8 \(36 bytes\) but the file holds 31"
+    ):
+        convert(tmp_path, tmp_path / "m.h5")
+    assert "m.h5" not in only_file(tmp_path)
+
+
+def test_bad_gzip_and_bad_sources(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(SourceFormatError, match="cannot be read as gzip"):
+        read_idx(tmp_path / "train-images-idx3-ubyte.gz")
+    (tmp_path / "x.csv").write_text("1,2")
+    with pytest.raises(SourceFormatError, match="cannot tell the format"):
+        convert(tmp_path / "x.csv", tmp_path / "o.h5")
+    np.save(tmp_path / "f.npy", np.zeros((3, 4, 4, 4), np.uint8))
+    with pytest.raises(SourceFormatError, match=r"cannot tell NHWC from NCHW .* pass --layout"):
+        convert(tmp_path / "f.npy", tmp_path / "o.h5")
+    np.save(tmp_path / "r.npy", np.zeros(5, np.float32))
+    with pytest.raises(LayoutError, match=r"got shape \(5,\)"):
+        convert(tmp_path / "r.npy", tmp_path / "o.h5")
+    np.savez(tmp_path / "k.npz", foo=np.zeros(3))
+    with pytest.raises(SourceFormatError, match="holds foo; expected x_train"):
+        convert(tmp_path / "k.npz", tmp_path / "o.h5")
+    (tmp_path / "c.tar.gz").write_bytes(b"garbage")
+    with pytest.raises(SourceFormatError, match="not a readable tar archive"):
+        convert(tmp_path / "c.tar.gz", tmp_path / "o.h5")
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    import pickle
+
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({"data": os.system}))
+    with pytest.raises(SourceFormatError, match="refusing to load"):
+        convert(tmp_path, tmp_path / "o.h5")
+
+
+def test_inputs_are_not_modified(tmp_path, idx_folder):
+    folder, _ = idx_folder
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+    for p in folder.iterdir():
+        p.chmod(0o444)
+    convert(folder, tmp_path / "m.h5")
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()} == before
+
+
+def test_every_error_is_a_data_error():
+    for cls in (
+        CorruptFileError,
+        DataFileNotFoundError,
+        LayoutError,
+        MissingSplitError,
+        NotHDF5Error,
+        OutputError,
+        SourceFormatError,
+    ):
+        assert issubclass(cls, DataError)
