@@ -54,10 +54,21 @@ class ELBOTerms:
     @terms.validator
     def _check_terms(self, _attribute: attrs.Attribute, value: Mapping[str, Tensor]) -> None:
         if not value:
-            raise ValueError("ELBOTerms needs at least one term")
+            raise InvalidParameterError("ELBOTerms needs at least one term")
         shapes = {name: tuple(t.shape) for name, t in value.items()}
         if any(len(s) != 1 for s in shapes.values()) or len(set(shapes.values())) != 1:
-            raise ValueError(f"every ELBO term must have the same shape (batch,); got {shapes}")
+            raise InvalidParameterError(
+                f"every ELBO term must have the same shape (batch,); got {shapes}"
+            )
+
+    @extras.validator
+    def _check_extras(self, _attribute: attrs.Attribute, value: Mapping[str, Tensor]) -> None:
+        batch = tuple(next(iter(self.terms.values())).shape)
+        wrong = {name: tuple(t.shape) for name, t in value.items() if tuple(t.shape) != batch}
+        if wrong:
+            raise InvalidParameterError(
+                f"every ELBO extra must have the terms' shape {batch}; got {wrong}"
+            )
 
     @property
     def total(self) -> Tensor:
@@ -110,6 +121,16 @@ class ELBO(abc.ABC):
 
 
 def _single_latent_parts(model: LatentVariableModel, estimator: str):
+    """``(encoder, decoder, prior)`` of a one-latent model. A chain of several latents (a model
+    or its ``.chain`` with ``num_latents > 1``) is refused: there ``prior`` is ``p(z_T)``, not
+    the prior of the encoder's ``z_1``, and the value would bound nothing."""
+    chain = getattr(model, "chain", None)
+    levels = getattr(model if chain is None else chain, "num_latents", 1)
+    if isinstance(levels, int) and levels > 1:
+        raise IncompatibleEstimatorError(
+            f"estimator '{estimator}' needs a model with one latent; {type(model).__name__} is a "
+            f"chain of {levels} latents: use the estimator 'consistency'"
+        )
     for part in ("encoder", "decoder", "prior"):
         if not callable(getattr(model, part, None)):
             raise IncompatibleEstimatorError(

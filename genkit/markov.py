@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
-from einops import reduce
+from einops import rearrange
 from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 
@@ -282,32 +282,36 @@ def active_units(
     """The number of active latent units at each level t = 1..T (Burda et al. 2016).
 
     Unit u of z_t is active when ``A_u = Cov_x(E_{q(z_t|x)}[z_{t,u}]) > threshold``. For t = 1
-    the inner mean is the encoder's; for t > 1 it is ``E_{z_{t-1}}[mean of q(z_t|z_{t-1})]``
-    averaged over ``samples`` draws of the chain below. The covariance over x is the population
-    variance across every example of ``batches`` (tensors ``(B, *data_shape)``). Returns
-    ``{t: count}``.
+    the inner mean is the encoder's; for t > 1 it is ``E_{z_{t-1}}[mean of q(z_t|z_{t-1})]``,
+    estimated by ``m(x)``, the average over ``samples`` draws of the chain below. The
+    covariance over x is the population variance across every example of ``batches`` (tensors
+    ``(B, *data_shape)``), less the Monte-Carlo variance of ``m(x)`` (the draws' sample variance
+    over ``samples``, zero at t = 1), which would otherwise count a unit whose mean varies with
+    the draws but not with x as active. Returns ``{t: count}``.
     """
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 2:
+        raise InvalidParameterError(f"active_units needs samples >= 2, got {samples!r}")
     chain = find_chain(model, "active_units")
     num_latents = int(chain.num_latents)
     device = getattr(model, "device", None)
-    total: list[Tensor | None] = [None] * num_latents  # sum over x of E[z_t|x], per unit
-    square: list[Tensor | None] = [None] * num_latents  # sum over x of E[z_t|x]^2
+    # per level, summed over x: E[z_t|x], its square, and the Monte-Carlo variance of the first
+    sums: list[list[Tensor | float]] = [[0.0, 0.0, 0.0] for _ in range(num_latents)]
     count = 0
     for x in batches:
         x = x.to(device) if device is not None else x
-        b = x.shape[0]
         z = _repeat(x, samples)  # (S*B, ...), row s*B + b
         for t in range(1, num_latents + 1):
             q_t = chain.q_transition(z, _levels(t, z))
-            mean = reduce(q_t.mean.double(), "(s b) ... -> b (...)", "mean", s=samples, b=b)
-            total[t - 1] = mean.sum(0) + (0 if total[t - 1] is None else total[t - 1])
-            square[t - 1] = mean.square().sum(0) + (0 if square[t - 1] is None else square[t - 1])
+            draws = rearrange(q_t.mean.double(), "(s b) ... -> s b (...)", s=samples)
+            mean = draws.mean(0)  # (B, units)
+            for i, value in enumerate((mean, mean.square(), draws.var(0) / samples)):
+                sums[t - 1][i] = sums[t - 1][i] + value.sum(0)
             z = q_t.sample()
-        count += b
+        count += x.shape[0]
     if count == 0:
         raise InvalidParameterError("active_units needs at least one batch of data, got none")
     out = {}
-    for t in range(num_latents):
-        variance = square[t] / count - (total[t] / count).square()  # (units,)
-        out[t + 1] = int((variance > threshold).sum().item())
+    for t, (total, square, noise) in enumerate(sums, start=1):
+        variance = (square - noise) / count - (total / count).square()  # (units,)
+        out[t] = int((variance > threshold).sum().item())
     return out

@@ -86,12 +86,21 @@ class LatentVariableModel(nn.Module, abc.ABC):
         :class:`~genkit.elbo.ELBO` instance; ``None`` uses ``default_estimator``.
         """
         from genkit.elbo import ELBO
+        from genkit.errors import InvalidParameterError
         from genkit.registry import create_estimator
 
+        if tuple(x.shape[1:]) != self.data_shape:
+            raise InvalidParameterError(
+                f"elbo() needs x of shape (B, {', '.join(map(str, self.data_shape))}) for "
+                f"data_shape {self.data_shape}, got {tuple(x.shape)}"
+            )
         estimator = self.default_estimator if estimator is None else estimator
         if isinstance(estimator, ELBO):
             if params:
-                raise TypeError("pass estimator parameters to the estimator, not to elbo()")
+                raise InvalidParameterError(
+                    f"elbo() got parameters {sorted(params)} with an estimator instance "
+                    f"({type(estimator).__name__}); pass them to the estimator instead"
+                )
             return estimator(self, x)
         return create_estimator(estimator, **params)(self, x)
 

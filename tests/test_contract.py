@@ -55,6 +55,11 @@ def test_elbo_terms_are_per_sample_and_sum_to_the_total(model):
     assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+def test_elbo_of_a_batch_of_the_wrong_shape_is_one_clear_error(model):
+    with pytest.raises(genkit.InvalidParameterError, match=r"needs x of shape \(B, 1, 8, 8\)"):
+        model.elbo(torch.zeros(3, 1, 4, 4))
+
+
 def test_sample_shape_scale_and_generator(model):
     a = model.sample(2, generator=torch.Generator().manual_seed(5))
     b = model.sample(2, generator=torch.Generator().manual_seed(5))

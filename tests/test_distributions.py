@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Normal
 
+from genkit import InvalidParameterError
 from genkit.distributions import (
     DiscretizedGaussian,
     SignedBernoulli,
@@ -68,6 +69,22 @@ def test_wide_scale_uses_midpoint_rule_without_underflow():
     assert got.item() == pytest.approx(expected.item(), abs=1e-3)
 
 
+def test_float32_stays_right_for_wide_scales():
+    # the CDF difference of a bin much narrower than the scale cancels in float32 (at s = 1e6 it
+    # gave -69.8 instead of -19.6); compare with the float64 difference, accurate to ~1e-7 here
+    g = torch.Generator().manual_seed(0)
+    x = BINS[torch.randint(1, 255, (300,), generator=g)]  # interior bins
+    loc = torch.rand(300, generator=g, dtype=torch.float64) * 2 - 1
+    log_scale = torch.rand(300, generator=g, dtype=torch.float64) * math.log(1e6)
+    n = Normal(loc, log_scale.exp())
+    direct = torch.log(n.cdf(x + 1 / 255) - n.cdf(x - 1 / 255))
+    log_scale32 = log_scale.float().requires_grad_(True)
+    got = discretized_gaussian_log_prob(x.float(), loc.float(), log_scale32)
+    torch.testing.assert_close(got.double(), direct.detach(), rtol=2e-5, atol=0.0)
+    got.sum().backward()
+    assert torch.isfinite(log_scale32.grad).all()
+
+
 def test_sampling_matches_the_mass_function():
     d = DiscretizedGaussian(torch.tensor(0.98), torch.tensor(0.02))
     draws = d.sample((200_000,), generator=torch.Generator().manual_seed(1))
@@ -80,8 +97,15 @@ def test_sampling_matches_the_mass_function():
 
 def test_validation_rejects_values_off_the_8bit_grid():
     d = DiscretizedGaussian(torch.zeros(2), torch.ones(2), validate_args=True)
+    on_grid = BINS[128].float()  # 1/255: a bin centre (0.0 is not one, it lies between two)
+    off = torch.stack([on_grid, torch.tensor(0.5)])  # 0.5 is not a bin centre
     with pytest.raises(ValueError):
-        d.log_prob(torch.tensor([0.0, 0.5]))  # 0.5 is not a bin centre
+        d.log_prob(off)
+    # one line naming the fault, not torch's dump of the whole tensor
+    with pytest.raises(
+        InvalidParameterError, match=r"1 value\(s\) are off that grid, e\.g\. 0\.5\b"
+    ):
+        d.log_prob(off)
     d.log_prob(BINS[[0, 255]].float())
 
 

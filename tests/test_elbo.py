@@ -41,6 +41,11 @@ def test_terms_must_share_a_batch_shape():
         ELBOTerms(terms={"a": torch.zeros(2), "b": torch.zeros(3)}, num_dims=1)
     with pytest.raises(ValueError, match="same shape"):
         ELBOTerms(terms={"a": torch.zeros(2, 1)}, num_dims=1)
+    # an extra of another shape would broadcast silently inside objective()
+    with pytest.raises(InvalidParameterError, match=r"extra must have the terms' shape \(2,\)"):
+        ELBOTerms(terms={"a": torch.zeros(2)}, extras={"e": torch.zeros(2, 2)}, num_dims=1)
+    with pytest.raises(InvalidParameterError, match="same shape"):
+        ELBOTerms(terms={"a": torch.zeros(2), "b": torch.zeros(3)}, num_dims=1)
 
 
 def test_terms_are_read_only():

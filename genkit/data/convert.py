@@ -34,12 +34,14 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from genkit.data.errors import (
     CorruptFileError,
     DataFileNotFoundError,
     LayoutError,
+    MissingSplitError,
     SourceFormatError,
 )
 from genkit.data.layout import (
@@ -228,11 +230,14 @@ def from_cifar(source: Path) -> tuple[dict[str, SplitArrays], dict[str, Any]]:
         folder = (
             source / "cifar-10-batches-py" if (source / "cifar-10-batches-py").is_dir() else source
         )
-        for p in folder.iterdir():
-            if _CIFAR_BATCH.match(p.name):
-                blobs[p.name] = (str(p), p.read_bytes())
-            elif p.name == "batches.meta":
-                meta = p.read_bytes()
+        try:
+            for p in folder.iterdir():
+                if _CIFAR_BATCH.match(p.name):
+                    blobs[p.name] = (str(p), p.read_bytes())
+                elif p.name == "batches.meta":
+                    meta = p.read_bytes()
+        except OSError as exc:
+            raise SourceFormatError(f"cannot read the CIFAR batches in '{folder}': {exc}") from None
     else:
         try:
             with tarfile.open(source, "r:*") as tar:
@@ -410,16 +415,19 @@ def from_image_folder(source: Path) -> tuple[dict[str, SplitArrays], dict[str, A
     for split, (names, files) in listings.items():
         arrays, labels = [], []
         for p, label in files:
-            with Image.open(p) as im:
-                im = im.convert("L" if grey else "RGB")
-                if size is None:
-                    size, first = im.size, p
-                elif im.size != size:
-                    raise LayoutError(
-                        f"'{p}' is {im.size[0]}x{im.size[1]} but '{first}' is "
-                        f"{size[0]}x{size[1]}; every image must have the same size"
-                    )
-                a = np.asarray(im, dtype=np.uint8)
+            try:
+                with Image.open(p) as im:
+                    im = im.convert("L" if grey else "RGB")  # decodes: a cut file fails here
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                raise CorruptFileError(f"'{p}' is truncated or corrupt: {exc}") from None
+            if size is None:
+                size, first = im.size, p
+            elif im.size != size:
+                raise LayoutError(
+                    f"'{p}' is {im.size[0]}x{im.size[1]} but '{first}' is "
+                    f"{size[0]}x{size[1]}; every image must have the same size"
+                )
+            a = np.asarray(im, dtype=np.uint8)
             arrays.append(a[None] if grey else a.transpose(2, 0, 1))  # (C, H, W)
             labels.append(classes.index(names[label]) if label >= 0 else -1)
         y = np.asarray(labels, dtype=np.int64) if classes else None
@@ -452,9 +460,7 @@ def _kind_of(source: Path) -> str:
     )
 
 
-def read_source(
-    source: str | Path, *, layout: str = "auto", cache_dir: Path | None = None
-) -> DatasetArrays:
+def read_source(source: str | Path, *, layout: str = "auto") -> DatasetArrays:
     """Read any supported source into arrays (no splitting or reordering)."""
     if layout not in LAYOUTS:
         raise InvalidParameterError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -568,7 +574,13 @@ def _describe(path: str | Path) -> str:
         lines.append("attributes:")
         for key in sorted(f.attrs):
             lines.append(f"  {key}: {json.dumps(plain_value(f.attrs[key]))}")
-        for split in ordered_splits(k for k in f if hasattr(f[k], "keys")):
+        splits = ordered_splits(k for k in f if isinstance(f[k], h5py.Group))
+        if not splits:
+            raise MissingSplitError(
+                f"'{path}' holds no split groups (expected 'train', 'test'); top level: "
+                f"{', '.join(f) or 'nothing'}"
+            )
+        for split in splits:
             values, labels = describe_split(f, split, path)
             lo, hi = _range(values)
             chunks = values.chunks[0] if values.chunks else "contiguous"

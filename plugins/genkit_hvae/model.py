@@ -19,12 +19,18 @@ from typing import Any
 import attrs
 import torch
 from attrs import validators as v
-from genkit_vae.model import GaussianEncoder, LikelihoodDecoder, VAEConfig
+from genkit_vae.model import (
+    GaussianEncoder,
+    LikelihoodDecoder,
+    VAEConfig,
+    diagonal_gaussian,
+    net_kind,
+)
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from genkit import likelihoods
-from genkit.distributions import diagonal_normal, sample
+from genkit.distributions import sample
 from genkit.errors import InvalidParameterError
 from genkit.markov import ConsistencyELBO
 from genkit.model import LatentVariableModel, StandardNormalPrior
@@ -87,17 +93,6 @@ class HVAEConfig:
         return self.latent_dims
 
 
-def _net_kind(net: str, data_shape: tuple[int, ...]) -> str:
-    if net == "auto":
-        return "conv" if len(data_shape) == 3 else "mlp"
-    if net == "conv" and len(data_shape) != 3:
-        raise InvalidParameterError(
-            f"model 'hvae': net='conv' needs image data (C, H, W), got data_shape {data_shape}; "
-            "use net='mlp'"
-        )
-    return net
-
-
 class GaussianTransition(nn.Module):
     """A learned diagonal Gaussian ``N(mu(z), diag sigma^2(z))`` over ``out_dim`` units given
     ``z: (B, in_dim)``: one step ``q(z_t|z_{t-1})`` or ``p(z_{t-1}|z_t)`` of the chain."""
@@ -107,8 +102,7 @@ class GaussianTransition(nn.Module):
         self.net = mlp([in_dim, *[hidden] * depth, 2 * out_dim])
 
     def forward(self, z: Tensor) -> Distribution:
-        mu, log_sigma = self.net(z).chunk(2, dim=-1)
-        return diagonal_normal(mu, torch.exp(log_sigma.clamp(-10.0, 5.0)), 1)
+        return diagonal_gaussian(self.net(z))
 
 
 class HVAE(LatentVariableModel):
@@ -123,7 +117,7 @@ class HVAE(LatentVariableModel):
         super().__init__(data_shape)
         self.config = cfg = config or HVAEConfig()
         self.latent_sizes = sizes = cfg.sizes()
-        kind = _net_kind(cfg.net, self.data_shape)
+        kind = net_kind(cfg.net, self.data_shape, "hvae")
         lik = likelihoods.resolve(cfg.likelihood, self.data_shape)
         bottom = VAEConfig(
             latent_dim=sizes[0],

@@ -43,14 +43,24 @@ class VAEConfig:
     samples: int = attrs.field(default=1, validator=v.ge(1))
 
 
-def _net_kind(cfg: VAEConfig, data_shape: tuple[int, ...]) -> str:
-    if cfg.net == "auto":
+def net_kind(net: str, data_shape: tuple[int, ...], model: str = "vae") -> str:
+    """``auto`` -> ``conv`` for images ``(C, H, W)``, ``mlp`` for vectors; ``conv`` on vectors
+    is an :class:`InvalidParameterError` naming ``model``."""
+    if net == "auto":
         return "conv" if len(data_shape) == 3 else "mlp"
-    if cfg.net == "conv" and len(data_shape) != 3:
+    if net == "conv" and len(data_shape) != 3:
         raise InvalidParameterError(
-            f"model 'vae': net='conv' needs image data (C, H, W), got data_shape {data_shape}; use net='mlp'"
+            f"model '{model}': net='conv' needs image data (C, H, W), got data_shape "
+            f"{data_shape}; use net='mlp'"
         )
-    return cfg.net
+    return net
+
+
+def diagonal_gaussian(params: Tensor) -> Distribution:
+    """``N(mu, diag sigma^2)`` from ``params: (B, 2L)`` = ``[mu, log sigma]`` (log sigma clamped
+    to [-10, 5]); batch ``(B,)``, event ``(L,)``."""
+    mu, log_sigma = params.chunk(2, dim=-1)
+    return diagonal_normal(mu, torch.exp(log_sigma.clamp(-10.0, 5.0)), 1)
 
 
 class GaussianEncoder(Encoder):
@@ -68,8 +78,7 @@ class GaussianEncoder(Encoder):
             )
 
     def forward(self, x: Tensor) -> Distribution:
-        mu, log_sigma = self.net(x).chunk(2, dim=-1)
-        return diagonal_normal(mu, torch.exp(log_sigma.clamp(-10.0, 5.0)), 1)
+        return diagonal_gaussian(self.net(x))
 
 
 class LikelihoodDecoder(Decoder):
@@ -101,7 +110,7 @@ class VAE(LatentVariableModel):
     def __init__(self, data_shape: tuple[int, ...], config: VAEConfig | None = None) -> None:
         super().__init__(data_shape)
         self.config = cfg = config or VAEConfig()
-        kind = _net_kind(cfg, self.data_shape)
+        kind = net_kind(cfg.net, self.data_shape)
         lik = likelihoods.resolve(cfg.likelihood, self.data_shape)
         self.encoder = GaussianEncoder(self.data_shape, cfg, kind)
         self.decoder = LikelihoodDecoder(self.data_shape, cfg, kind, lik)

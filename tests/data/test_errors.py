@@ -19,6 +19,7 @@ from genkit.data import (
     OutputError,
     SourceFormatError,
     convert,
+    describe,
     open_dataset,
     read_idx,
 )
@@ -86,6 +87,12 @@ def test_missing_dataset_names_what_is_there(tmp_path):
         MissingSplitError, match="has no 'images' or 'data' dataset; it holds: pixels"
     ):
         open_dataset(path)
+
+
+def test_a_file_without_split_groups_is_refused_by_info(tmp_path):
+    path = raw_h5(tmp_path / "x.h5", images=np.zeros((3, 1, 2, 2), np.uint8))
+    with pytest.raises(MissingSplitError, match=r"holds no split groups .*; top level: images"):
+        describe(path)
 
 
 @pytest.mark.parametrize(
@@ -210,6 +217,22 @@ def test_bad_gzip_and_bad_sources(tmp_path):
     (tmp_path / "c.tar.gz").write_bytes(b"garbage")
     with pytest.raises(SourceFormatError, match="not a readable tar archive"):
         convert(tmp_path / "c.tar.gz", tmp_path / "o.h5")
+
+
+def test_truncated_image_in_a_folder_is_one_clear_error(tmp_path):
+    from PIL import Image
+
+    source = tmp_path / "images"
+    for label in ("a", "b"):
+        (source / label).mkdir(parents=True)
+        for i in range(2):
+            pixels = np.random.default_rng(i).integers(0, 256, (64, 64), dtype=np.uint8)
+            Image.fromarray(pixels).save(source / label / f"{i}.png")
+    whole = (source / "a" / "1.png").read_bytes()
+    (source / "a" / "1.png").write_bytes(whole[: len(whole) // 2])  # the header still opens
+    with pytest.raises(CorruptFileError, match=r"1\.png' is truncated or corrupt"):
+        convert(source, tmp_path / "o.h5")
+    assert only_file(tmp_path) == ["images"]
 
 
 def test_malicious_pickle_is_refused(tmp_path):

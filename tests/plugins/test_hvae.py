@@ -84,6 +84,17 @@ def test_the_model_is_a_markov_chain_with_the_documented_parts():
     )
 
 
+@pytest.mark.parametrize("estimator", ["elbo", "iwae"])
+def test_single_latent_estimators_refuse_a_chain_of_several_latents(estimator):
+    # with equal sizes per level they used to return a number bounding nothing: log p(z_1) was
+    # taken under p(z_T) = N(0, I), not under the model's p(z_1) = E p(z_1|z_2)
+    model, x = _hvae(levels=2, latent_dims=4), _images(n=2)
+    with pytest.raises(genkit.IncompatibleEstimatorError, match="chain of 2 latents"):
+        model.elbo(x, estimator)
+    one = _hvae(levels=1, latent_dims=4)
+    assert torch.isfinite(one.elbo(x, estimator).total).all()  # T = 1 is the VAE: allowed
+
+
 def test_config_sizes_and_errors():
     assert _hvae(levels=3, latent_dims=6).latent_sizes == (6, 6, 6)
     assert genkit.create_model("hvae", (1, 8, 8), levels=3, hidden=8).latent_sizes == (32, 16, 8)
@@ -165,6 +176,33 @@ def test_active_units_on_a_constructed_chain():
     assert active_units(_ConstructedChain(), [data], threshold=0.001) == {1: 2, 2: 3}
     counts = active_units(_hvae(), [_images(n=32)])
     assert set(counts) == {1, 2} and 0 <= counts[1] <= 4 and 0 <= counts[2] <= 3
+
+
+class _CollapsedChain:
+    """q(z_1|x) = N(0, I) whatever x, q(z_2|z_1) = N(z_1, 0.01^2): E[z_2|x] = 0 for every x, so
+    no unit is active at either level, though z_2's mean varies from draw to draw of z_1."""
+
+    num_latents = 2
+
+    def q_transition(self, z_prev, t):
+        loc = torch.zeros(z_prev.shape[0], 3) if int(t[0]) == 1 else z_prev
+        return Independent(Normal(loc, 1.0 if int(t[0]) == 1 else 0.01), 1)
+
+    def p_transition(self, z_t, t):
+        return Independent(Normal(z_t, 1.0), 1)
+
+    def prior_latent(self):
+        return Independent(Normal(torch.zeros(3), 1.0), 1)
+
+
+def test_active_units_discount_the_monte_carlo_noise_of_the_inner_mean():
+    data = torch.randn(2000, 3, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    # the average of 8 draws of z_1 has variance 1/8 > 0.01 across x: without the correction
+    # every unit of z_2 would count as active
+    assert active_units(_CollapsedChain(), data.split(500)) == {1: 0, 2: 0}
+    with pytest.raises(genkit.InvalidParameterError, match="samples >= 2"):
+        active_units(_CollapsedChain(), [data], samples=1)
 
 
 class _Wrapped(torch.nn.Module):  # what DistributedDataParallel looks like from outside

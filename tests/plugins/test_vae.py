@@ -8,6 +8,7 @@ from torch.distributions import kl_divergence
 
 import genkit
 from genkit.distributions import to_model_scale
+from genkit.elbo import IWAE
 
 
 def _images(n=8, seed=0):
@@ -56,6 +57,25 @@ def test_iwae_is_above_the_elbo_and_grows_with_k():
     # L_1 is the ELBO (same expectation); L_k increases with k (Burda et al. 2016, Thm 1)
     assert abs(bounds[1] - elbo) < 0.05 * abs(elbo)
     assert elbo < bounds[5] < bounds[50]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_iwae_is_the_log_mean_importance_weight_from_the_same_noise(k):
+    model, x = _vae(), _images(n=4)
+    torch.manual_seed(11)
+    got = model.elbo(x, "iwae", k=k)
+    torch.manual_seed(11)
+    q = model.encoder(x)
+    mu, s = q.base_dist.loc, q.base_dist.scale
+    z = mu + s * torch.randn(k, *mu.shape)  # what rsample((k,)) draws: (k, B, latent)
+    log_n01 = -0.5 * (z**2 + math.log(2 * math.pi)).sum(-1)  # log p(z), written out
+    log_q = (-0.5 * ((z - mu) / s) ** 2 - s.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+    log_w = torch.stack([model.decoder(z[j]).log_prob(x) for j in range(k)]) + log_n01 - log_q
+    want = torch.logsumexp(log_w, 0) - math.log(k)  # log (1/k) sum_j p(x, z_j) / q(z_j | x)
+    assert set(got.terms) == {"importance_weighted"}
+    torch.testing.assert_close(got.total, want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(genkit.InvalidParameterError, match=r"parameters \['k'\] with an estimator"):
+        model.elbo(x, IWAE(k), k=k)
 
 
 def test_likelihood_choices():
