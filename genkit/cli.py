@@ -17,6 +17,9 @@ from genkit.errors import GenkitError
 #: command name -> "module:attribute" of a click command; each owner module adds its line.
 COMMANDS: dict[str, str] = {
     "plugins": "genkit.cli_plugins:plugins",
+    "train": "genkit.training.cli:train",
+    "eval": "genkit.training.cli:eval_",
+    "sample": "genkit.training.cli:sample",
     "data": "genkit.data.cli:data",
 }
 

@@ -82,37 +82,45 @@ def register_schedules(register: Register) -> None:
 
 @hookspec
 def on_train_start(trainer: Any) -> None:
-    """Called once when a training run starts (after a resume has been restored).
+    """Called once when a training run starts (after a resume has been restored), on the
+    process that logs (rank 0).
 
-    :param trainer: the :class:`genkit.trainer.Trainer`; ``trainer.model``, ``trainer.config``,
-        ``trainer.run_dir`` and ``trainer.log_scalar(tag, value, step)`` are available.
+    Trainer hooks are called one plugin at a time: one that raises is reported once as a
+    ``RuntimeWarning`` naming the plugin and the hook, and training goes on.
+
+    :param trainer: the :class:`genkit.training.Trainer`; ``trainer.model``,
+        ``trainer.config``, ``trainer.run_dir``, ``trainer.step`` and
+        ``trainer.log_scalar(tag, value, step)`` are available.
     """
 
 
 @hookspec
 def on_step_end(trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
-    """Called after each optimisation step, on the process that logs (rank 0).
+    """Called every ``config.log_every`` optimisation steps (and at the last step), on the
+    process that logs (rank 0), when the step metrics are synchronised to the CPU.
 
     :param trainer: the running trainer.
     :param step: the number of optimisation steps done so far (1 after the first).
-    :param metrics: this step's logged values by name (ELBO terms, ``elbo``,
-        ``bits_per_dim``, ``objective``, ``lr``, ``grad_norm``); only on logging steps.
+    :param metrics: means over the steps since the last call: every ELBO term and extra by
+        name, ``elbo`` (the unweighted sum of the terms), ``bits_per_dim``, ``objective``
+        (the weighted loss minimised), ``grad_norm`` (before clipping) and ``lr``.
     """
 
 
 @hookspec
 def on_eval_end(trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
-    """Called after each evaluation on the test split.
+    """Called after each periodic evaluation on the test split (rank 0).
 
     :param trainer: the running trainer.
     :param step: the optimisation step the evaluation was made at.
-    :param metrics: mean test ELBO terms, ``elbo`` and ``bits_per_dim``.
+    :param metrics: mean test ELBO terms and extras (EMA weights), ``elbo`` and
+        ``bits_per_dim``.
     """
 
 
 @hookspec
 def on_checkpoint(trainer: Any, step: int, path: Path) -> None:
-    """Called after a checkpoint has been written (atomically) to ``path``.
+    """Called after a checkpoint has been written (atomically) to ``path`` (rank 0).
 
     :param trainer: the running trainer.
     :param step: the step the checkpoint holds.

@@ -1,0 +1,252 @@
+"""``genkit train``, ``genkit eval`` and ``genkit sample``.
+
+A run dir holds ``config.json`` (the train config, the model's name and parameters, the data
+spec and shape), ``checkpoints/`` and ``tb/`` (TensorBoard), so ``eval`` and ``sample`` need
+only the dir.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from genkit.errors import CheckpointError, ConfigError, DataError
+from genkit.training import checkpoint as ckpt
+from genkit.training import distributed
+from genkit.training.config import apply_overrides, make_config, parse_pairs
+from genkit.training.logging import format_table, image_grid, save_png
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """The run dir's ``config.json``; a missing or unreadable one is a :class:`ConfigError`."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a genkit run dir: {path} does not exist")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(info, dict) or "train" not in info or "name" not in info.get("model", {}):
+        raise ConfigError(f"{path} is not a genkit run config (needs 'model.name' and 'train')")
+    return info
+
+
+def data_spec(data: str) -> str:
+    """``builtin:NAME`` as given; a file path made absolute so the run dir can move."""
+    return data if data.startswith("builtin:") else str(Path(data).expanduser().resolve())
+
+
+def _open(spec: str, split: str, required: bool = True):
+    from genkit.data import open_dataset
+
+    try:
+        return open_dataset(spec, split)
+    except DataError as exc:
+        if required or not isinstance(exc, KeyError):
+            raise
+        click.echo(f"warning: no '{split}' split in {spec} ({exc}); skipping evaluation", err=True)
+        return None
+
+
+@click.command("train")
+@click.option("--model", "model_name", metavar="NAME", help="A registered model (genkit plugins).")
+@click.option("--data", metavar="FILE.h5|builtin:NAME", help="HDF5 file or built-in dataset.")
+@click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run dir.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a TrainConfig field (VALUE is a TOML literal) or model.PARAM.",
+)
+@click.option(
+    "--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint."
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no final table.")
+def train(
+    model_name: str | None,
+    data: str | None,
+    run_dir: Path,
+    overrides: tuple[str, ...],
+    resume: bool,
+    quiet: bool,
+) -> None:
+    """Train a model by its ELBO; ends with a test evaluation table.
+
+    \b
+    genkit train --model vae --data builtin:digits --out runs/vae
+    genkit train --model vae --data x.h5 --out runs/b --set lr=1e-3 --set model.latent_dim=8
+    torchrun --nproc_per_node=2 -m genkit train --model vae --data builtin:digits --out runs/d
+    """
+    from genkit.registry import create_model
+    from genkit.training.trainer import Trainer
+
+    train_cfg: dict[str, Any] = {}
+    model_params: dict[str, Any] = {}
+    if resume:
+        saved = read_run_config(run_dir)
+        for flag, given, stored in (
+            ("--model", model_name, saved["model"]["name"]),
+            ("--data", data and data_spec(data), saved.get("data")),
+        ):
+            if given is not None and given != stored:
+                raise ConfigError(f"--resume: {flag} {given} differs from the run's {stored}")
+        model_name, data = saved["model"]["name"], saved.get("data")
+        train_cfg, model_params = dict(saved["train"]), dict(saved["model"].get("params", {}))
+    elif model_name is None or data is None:
+        raise ConfigError("genkit train needs --model NAME and --data FILE.h5|builtin:NAME")
+    if data is None:
+        raise ConfigError(f"{run_dir}/config.json names no data; pass --data")
+    spec = data_spec(data)
+    train_cfg, model_params = apply_overrides(train_cfg, model_params, overrides)
+    config = make_config(train_cfg, where="train config (--set)")
+
+    info = distributed.init_from_env(config.device)
+    try:
+        train_ds = _open(spec, "train")
+        test_ds = _open(spec, "test", required=False)
+        torch.manual_seed(config.seed)  # the same initial weights on every rank and run
+        model = create_model(model_name, tuple(train_ds.data_shape), **model_params)
+        trainer = Trainer(
+            model,
+            config,
+            train_ds,
+            test_ds,
+            run_dir,
+            run_info={"model": {"name": model_name, "params": model_params}, "data": spec},
+            progress=not quiet,
+        )
+        result = trainer.fit(resume=resume)
+        if result is not None and info.is_main and not quiet:
+            click.echo(
+                format_table(
+                    result.rows(),
+                    result.num_dims,
+                    title=f"test split, {result.count} examples, EMA weights, step {trainer.step}",
+                )
+            )
+    finally:
+        distributed.shutdown()
+
+
+def load_run(
+    run_dir: Path, *, checkpoint: Path | None = None, use_ema: bool = True, device: str = "auto"
+) -> tuple[torch.nn.Module, dict[str, Any], Path]:
+    """The run's model with the weights of its latest (or the given) checkpoint: the EMA
+    weights unless ``use_ema`` is false. Returns ``(model, run config, checkpoint path)``."""
+    from genkit.registry import create_model
+
+    info = read_run_config(run_dir)
+    path = Path(checkpoint) if checkpoint is not None else ckpt.latest_checkpoint(run_dir)
+    if path is None:
+        raise CheckpointError(f"no checkpoint in {ckpt.checkpoint_dir(run_dir)}")
+    state = ckpt.load(path)
+    model = create_model(
+        info["model"]["name"], tuple(info["data_shape"]), **info["model"].get("params", {})
+    )
+    ckpt.load_module_state(model, state["ema" if use_ema else "model"], path, "model")
+    model.to(distributed.resolve_device(device, distributed.DistInfo())).eval()
+    return model, info, path
+
+
+@click.command("eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--estimator", default=None, help="ELBO estimator (default: the run's).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Estimator parameter.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Default: the latest.")
+@click.option("--no-ema", is_flag=True, help="Evaluate the raw weights instead of the EMA.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+def eval_(
+    run_dir: Path,
+    estimator: str | None,
+    params: tuple[str, ...],
+    split: str,
+    batch_size: int,
+    checkpoint: Path | None,
+    no_ema: bool,
+    seed: int,
+    device: str,
+) -> None:
+    """Test ELBO terms and bits/dim with standard errors (EMA weights).
+
+    \b
+    genkit eval runs/vae
+    genkit eval runs/vae --estimator iwae --param k=64
+    """
+    from genkit.training.trainer import evaluate_model
+
+    model, info, path = load_run(run_dir, checkpoint=checkpoint, use_ema=not no_ema, device=device)
+    estimator_params = dict(parse_pairs(params, option="--param"))
+    if estimator is None:
+        estimator = info["train"].get("eval_estimator")
+        if not params:
+            estimator_params = dict(info["train"].get("eval_estimator_params") or {})
+    dataset = _open(info["data"], split)
+    torch.manual_seed(seed)
+    result = evaluate_model(
+        model,
+        dataset,
+        batch_size=batch_size,
+        estimator=estimator,
+        estimator_params=estimator_params,
+    )
+    name = estimator or "model default"
+    click.echo(
+        format_table(
+            result.rows(),
+            result.num_dims,
+            title=f"{split} split, {result.count} examples, estimator {name}, "
+            f"{'raw' if no_ema else 'EMA'} weights of {path.name}",
+        )
+    )
+
+
+@click.command("sample")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("-n", "num", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="PNG grid (or .npy).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Default: the latest.")
+@click.option("--no-ema", is_flag=True, help="Sample the raw weights instead of the EMA.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+def sample(
+    run_dir: Path,
+    num: int,
+    out: Path,
+    seed: int,
+    checkpoint: Path | None,
+    no_ema: bool,
+    device: str,
+) -> None:
+    """Draw samples from a trained run into a PNG grid (or a .npy array).
+
+    \b
+    genkit sample runs/vae -n 64 --out grid.png
+    """
+    model, _info, _path = load_run(
+        run_dir, checkpoint=checkpoint, use_ema=not no_ema, device=device
+    )
+    torch.manual_seed(seed)
+    generator = torch.Generator(model.device).manual_seed(seed)
+    with torch.no_grad():
+        x = model.sample(num, generator=generator).float().cpu()  # (n, *data_shape)
+    if out.suffix == ".npy":
+        import numpy as np
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, x.numpy())
+    else:
+        if x.dim() != 4:
+            raise DataError(
+                f"a PNG grid needs image data (C, H, W), this model's is {tuple(x.shape[1:])}; "
+                "write --out FILE.npy instead"
+            )
+        save_png(image_grid(x), out)
+    click.echo(f"wrote {num} samples to {out}")

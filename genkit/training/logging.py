@@ -1,0 +1,182 @@
+"""What the trainer logs: on-device metric accumulation, TensorBoard, the progress bar and
+image grids.
+
+Per step the trainer adds one small tensor of batch means to a running sum on the device; it
+is copied to the CPU (one synchronisation) only every ``log_every`` steps. Nothing per step
+touches the disk or the Python side of TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from genkit.distributions import to_pixels
+
+LN2 = math.log(2.0)
+
+
+class MetricAccumulator:
+    """Running sums of per-step values, kept on the device.
+
+    ``add(values)`` with ``values: (K,)`` (the same ``names`` every step) costs one in-place
+    add; ``mean()`` synchronises once and returns floats by name.
+    """
+
+    def __init__(self, names: Sequence[str], device: torch.device) -> None:
+        self.names = list(names)
+        self.total = torch.zeros(len(self.names), dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, values: Tensor) -> None:
+        self.total += values.detach()
+        self.count += 1
+
+    def mean(self) -> dict[str, float]:
+        values = (self.total / max(1, self.count)).tolist()
+        self.total.zero_()
+        self.count = 0
+        return dict(zip(self.names, values, strict=True))
+
+
+def with_totals(
+    means: Mapping[str, float], terms: Sequence[str], num_dims: int
+) -> dict[str, float]:
+    """Add ``elbo = sum of the term means`` and ``bits_per_dim = -elbo / (D ln 2)``."""
+    out = dict(means)
+    out["elbo"] = sum(means[t] for t in terms)
+    out["bits_per_dim"] = -out["elbo"] / (num_dims * LN2)
+    return out
+
+
+def image_grid(x: Tensor, ncol: int | None = None) -> np.ndarray:
+    """Tile images ``x: (N, C, H, W)`` in [-1, 1] into one uint8 array ``(rows*H, ncol*W, C)``;
+    empty cells (when N is not a multiple of ``ncol``) are black."""
+    n, c, h, w = x.shape
+    ncol = ncol or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / ncol)
+    pixels = to_pixels(x.detach().float().cpu())  # (N, C, H, W) uint8
+    pad = torch.zeros(rows * ncol - n, c, h, w, dtype=torch.uint8)
+    grid = rearrange(torch.cat([pixels, pad]), "(r k) c h w -> (r h) (k w) c", r=rows, k=ncol)
+    return grid.numpy()
+
+
+def save_png(grid: np.ndarray, path: Path) -> Path:
+    """Write a ``(H, W, C)`` uint8 grid as a PNG (grey for C = 1), atomically."""
+    import os
+
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+class RunLogger:
+    """TensorBoard scalars/images/text under ``run_dir/tb`` plus the tqdm progress bar.
+
+    ``enabled=False`` (ranks other than 0, or no run dir) makes every method a no-op.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path | None,
+        *,
+        enabled: bool,
+        total: int,
+        initial: int,
+        progress: bool,
+        purge_step: int | None = None,
+    ) -> None:
+        self.writer = None
+        self.bar = None
+        if enabled and run_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=purge_step)
+        if enabled and progress and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def image(self, tag: str, grid: np.ndarray, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, grid, step, dataformats="HWC")
+
+    def config(self, config: Mapping[str, Any]) -> None:
+        """The run's config as text (``config``) and as TensorBoard hparams."""
+        if self.writer is None:
+            return
+        text = json.dumps(config, indent=2, sort_keys=True, default=str)
+        self.writer.add_text("config", f"```\n{text}\n```", 0)
+        flat = {
+            k: v if isinstance(v, int | float | str | bool) else json.dumps(v, default=str)
+            for k, v in _flatten(config).items()
+            if v is not None
+        }
+        from torch.utils.tensorboard.summary import hparams
+
+        for event in hparams(flat, {}):
+            self.writer.file_writer.add_summary(event)
+
+    def progress(self, steps: int, postfix: Mapping[str, float] | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def format_table(
+    rows: Sequence[tuple[str, float, float | None]], num_dims: int, *, title: str = ""
+) -> str:
+    """A short table: term, nats (± standard error), bits/dim (``-nats / (D ln 2)``)."""
+    lines = [title] if title else []
+    lines.append(f"{'term':<28}{'nats':>22}{'bits/dim':>12}")
+    for name, value, se in rows:
+        nats = f"{value:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+        lines.append(f"{name:<28}{nats:>22}{-value / (num_dims * LN2):>12.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,751 @@
+"""One trainer for every genkit model: it needs only ``model.elbo(x)``.
+
+Each step minimises the batch mean of ``ELBOTerms.objective(weights)``, the weighted negative
+ELBO ``-(sum_k w_k terms_k + sum_j w_j extras_j)`` (weights from ``objective_weights``, with
+``warmup_terms`` ramped linearly from 0 over ``warmup_steps``), with AdamW, a warm-up + cosine
+(or constant) learning rate, gradient clipping and an EMA of the weights. What is logged and
+reported as the ELBO is always the unweighted ``total = sum_k terms_k``; evaluation uses the
+EMA weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import signal
+import threading
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from genkit.elbo import LN2, ELBOTerms
+from genkit.errors import CheckpointError, ConfigError, DataError, NonFiniteError
+from genkit.training import checkpoint as ckpt
+from genkit.training import distributed
+from genkit.training.config import TrainConfig, config_dict
+from genkit.training.logging import MetricAccumulator, RunLogger, image_grid, with_totals
+
+
+@attrs.frozen
+class EvalResult:
+    """Mean per-sample ELBO terms on a split, each with its standard error ``std / sqrt(N)``.
+
+    ``means``/``stderrs`` hold every term and extra plus ``elbo`` and ``bits_per_dim``.
+    """
+
+    means: dict[str, float]
+    stderrs: dict[str, float]
+    count: int
+    num_dims: int
+    terms: list[str]
+    extras: list[str]
+
+    def rows(self) -> list[tuple[str, float, float]]:
+        """``(name, nats, standard error)`` for each term, extra and the total ``elbo``."""
+        names = [*self.terms, *self.extras, "elbo"]
+        return [(n, self.means[n], self.stderrs[n]) for n in names]
+
+
+def batch_tensor(batch: Any) -> Tensor:
+    """A loader's batch as one tensor ``(B, ...)``; of an ``(x, label)`` batch, ``x``."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, list | tuple) and batch:
+        return batch_tensor(batch[0])
+    raise DataError(f"a batch must be a tensor (B, ...), got {type(batch).__name__}")
+
+
+def _collate(items: Any) -> Tensor:
+    if isinstance(items, Tensor):  # __getitems__ already returned the whole batch
+        return items
+    return torch.stack([batch_tensor(i) for i in items])
+
+
+def make_train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    start_batch: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+) -> DataLoader:
+    """The training order: :func:`genkit.data.make_loader` (a pure function of ``(seed,
+    epoch)``, sharded over ranks, skipping ``start_batch`` batches)."""
+    from genkit.data import make_loader
+
+    return make_loader(
+        dataset,
+        batch_size,
+        shuffle=True,
+        seed=seed,
+        drop_last=True,
+        num_workers=num_workers,
+        rank=rank,
+        world_size=world_size,
+        epoch=epoch,
+        start_batch=start_batch,
+    )
+
+
+def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """Every example of ``dataset`` once, in order, in batches of ``batch_size``."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+    )
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    max_batches: int | None = None,
+    estimator: str | None = None,
+    estimator_params: Mapping[str, Any] | None = None,
+) -> EvalResult:
+    """Every ELBO term of ``model`` on ``dataset`` (in order, fp32, eval mode): per-sample
+    values averaged over the examples, with standard errors ``std / sqrt(N)``."""
+    params = dict(estimator_params or {})
+    device = model.device
+    was_training = model.training
+    model.eval()
+    per_sample: dict[str, list[Tensor]] = {}
+    terms: list[str] = []
+    extras: list[str] = []
+    try:
+        for i, batch in enumerate(make_eval_loader(dataset, batch_size)):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = batch_tensor(batch).to(device)  # (B, *data_shape)
+            if estimator is None and not params:
+                out = model.elbo(x)
+            else:
+                out = model.elbo(x, estimator, **params)
+            terms, extras = list(out.terms), list(out.extras)
+            values = {
+                **out.terms,
+                **out.extras,
+                "elbo": out.total,
+                "bits_per_dim": out.bits_per_dim(),
+            }
+            for k, v in values.items():
+                per_sample.setdefault(k, []).append(v.detach().double().cpu())
+    finally:
+        model.train(was_training)
+    if not per_sample:
+        raise DataError("the evaluation split is empty")
+    means, stderrs = {}, {}
+    for k, chunks in per_sample.items():
+        v = torch.cat(chunks)  # (N,)
+        means[k] = v.mean().item()
+        stderrs[k] = (v.std(correction=1) / math.sqrt(v.numel())).item() if v.numel() > 1 else 0.0
+    count = sum(c.numel() for c in per_sample["elbo"])
+    return EvalResult(means, stderrs, count, int(model.num_dims), terms, extras)
+
+
+class Trainer:
+    """Trains ``model`` on ``train_dataset`` by its ELBO (see the module docstring).
+
+    :param model: any :class:`~genkit.model.LatentVariableModel`.
+    :param config: a :class:`TrainConfig`.
+    :param train_dataset: a dataset whose items (or ``__getitems__`` batches) are tensors.
+    :param test_dataset: evaluated every ``config.eval_every`` steps and at the end.
+    :param run_dir: where ``config.json``, ``checkpoints/`` and ``tb/`` (TensorBoard) go;
+        ``None`` writes nothing.
+    :param catalog: the plugin catalogue whose trainer hooks are called (default: the
+        process-wide one).
+    :param run_info: ``{"model": {"name", "params"}, "data": spec}`` stored in
+        ``config.json`` and checkpoints, so ``genkit eval``/``sample`` need only the run dir.
+    :param progress: show a tqdm bar (only on a TTY, and only on rank 0).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train_dataset: Dataset,
+        test_dataset: Dataset | None = None,
+        run_dir: str | Path | None = None,
+        *,
+        catalog: Any = None,
+        run_info: Mapping[str, Any] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.train_dataset = train_dataset
+        self.test_dataset = test_dataset
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run_info = dict(run_info or {})
+        self.show_progress = progress
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.dist = distributed.current()
+        self.device = distributed.resolve_device(config.device, self.dist)
+        if config.batch_size % self.dist.world_size:
+            raise ConfigError(
+                f"batch_size {config.batch_size} does not split evenly over "
+                f"{self.dist.world_size} processes"
+            )
+        self.local_batch_size = config.batch_size // self.dist.world_size
+        self._seed_everything(config.seed + self.dist.rank)
+        if catalog is None:
+            from genkit.registry import get_catalog
+
+            catalog = get_catalog()
+        self.catalog = catalog
+        self._warned_hooks: set[tuple[str, str]] = set()
+
+        self.model = model.to(self.device)
+        self.model.train()
+        self.num_dims = int(model.num_dims)
+        self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._ema_pairs = _matching_tensors(self.model, self.ema_model)
+        self._buffer_pairs = list(zip(self.ema_model.buffers(), self.model.buffers(), strict=True))
+        if config.compile:
+            # compile the model's sub-networks in place: dynamo cannot trace the frozen attrs
+            # ELBOTerms that elbo() builds, and in-place compilation keeps state_dict keys
+            for child in self.model.children():
+                child.compile()
+        forward: nn.Module = distributed.ELBOModule(self.model)
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            forward = DDP(
+                forward,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=config.find_unused_parameters,
+            )
+        self._forward = forward
+        self.optimizer = torch.optim.AdamW(
+            self._params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay
+        )
+
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.batches_per_epoch = len(self._train_loader(0, 0))
+        if self.batches_per_epoch < 1:
+            raise DataError(
+                f"the train split has {len(train_dataset)} examples, fewer than one batch of "
+                f"{self.local_batch_size} per process; lower batch_size"
+            )
+        self.total_steps = (
+            config.epochs * self.batches_per_epoch if config.epochs is not None else config.steps
+        )
+        total = self.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: config.lr_factor(s, total)
+        )
+        self._iter: Iterator[Any] | None = None
+        self._acc: MetricAccumulator | None = None
+        self._term_names: list[str] = []
+        self._extra_names: list[str] = []
+        self._eager_checks = self.device.type == "cpu"  # a CPU check costs no GPU sync
+        self._bad_step: Tensor | None = None
+        self._bad_mask: Tensor | None = None
+        self._stop_signal: int | None = None
+        self._last_checkpoint: Path | None = None
+        self._checkpointed_step = -1
+        self.logger: RunLogger | None = None
+        self.interrupted: str | None = None
+
+    # -- public API ------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def log_scalar(self, tag: str, value: float, step: int) -> None:
+        """Write one TensorBoard scalar (rank 0 only); for plugins' extra metrics."""
+        if self.logger is not None:
+            self.logger.scalar(tag, float(value), step)
+
+    def fit(self, *, resume: bool = False) -> EvalResult | None:
+        """Train for ``config.steps`` (or ``epochs``), then checkpoint and evaluate the test
+        split with the EMA weights. ``resume`` first restores the run dir's latest checkpoint.
+
+        SIGINT/SIGTERM stop the run after the current step with a checkpoint
+        (``self.interrupted`` names the signal) and return ``None``.
+        """
+        self.start(resume=resume)
+        try:
+            with self._signals():
+                self.train(self.total_steps)
+            if self.interrupted:
+                return None
+            if self.step != self._checkpointed_step:
+                self.save_checkpoint()
+            result = self.evaluate_detailed() if self.test_dataset is not None else None
+            if result is not None and self.is_main:
+                self.logger.scalars("eval", result.means, self.step)
+                self._call_hook("on_eval_end", trainer=self, step=self.step, metrics=result.means)
+            return result
+        finally:
+            self.close()
+
+    def start(self, *, resume: bool = False) -> None:
+        """Open the loggers, restore the latest checkpoint when ``resume``, call
+        ``on_train_start``."""
+        if self.run_dir is not None and self.is_main:
+            existing = ckpt.latest_checkpoint(self.run_dir)
+            if existing is not None and not resume:
+                raise ConfigError(
+                    f"run dir {self.run_dir} already holds checkpoints ({existing.name}); "
+                    "pass --resume (resume=True) to continue it, or choose another run dir"
+                )
+        if resume:
+            self.resume()
+        if self.is_main:
+            self.logger = RunLogger(
+                self.run_dir,
+                enabled=True,
+                total=self.total_steps,
+                initial=self.step,
+                progress=self.show_progress,
+                purge_step=self.step + 1 if self.step else None,
+            )
+            if self.run_dir is not None:
+                self._write_run_config()
+            self.logger.config(self._describe())
+        self._call_hook("on_train_start", trainer=self)
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+
+    def train(self, until: int) -> None:
+        """Take optimisation steps until ``self.step == until`` (or a stop signal)."""
+        cfg = self.config
+        while self.step < until:
+            self.train_step(self._next_batch())
+            step = self.step
+            if cfg.log_every and step % cfg.log_every == 0:
+                self._flush_metrics()
+            if self._should_stop(step, until):
+                self.interrupted = signal.Signals(self._stop_signal or signal.SIGTERM).name
+                self._flush_metrics()
+                self.save_checkpoint()
+                if self.is_main:
+                    print(
+                        f"{self.interrupted} at step {step}: checkpoint saved to "
+                        f"{self._last_checkpoint}; continue with --resume",
+                        flush=True,
+                    )
+                return
+            if cfg.eval_every and step % cfg.eval_every == 0 and self.test_dataset is not None:
+                self.evaluate_and_log()
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        self._flush_metrics()
+
+    def train_step(self, x: Tensor) -> None:
+        """One optimisation step on the batch ``x: (B, *data_shape)`` (this process's share)."""
+        x = x.to(self.device, non_blocking=True)
+        with self._autocast():
+            terms, extras = self._forward(x)
+        out = ELBOTerms(
+            terms={k: v.float() for k, v in terms.items()},
+            extras={k: v.float() for k, v in extras.items()},
+            num_dims=self.num_dims,
+        )
+        loss = out.objective(self.config.term_weights(self.step)).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in self._params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+        values = torch.stack(
+            [
+                *(t.detach().mean() for t in out.terms.values()),
+                *(t.detach().mean() for t in out.extras.values()),
+                loss.detach(),
+                grad_norm.detach(),
+            ]
+        )
+        if self._acc is None:
+            self._start_metrics(list(out.terms), list(out.extras))
+        if self._eager_checks:
+            if not bool(torch.isfinite(values[-2:]).all()):
+                raise self._nonfinite_error(self.step + 1, ~torch.isfinite(values), values)
+        else:
+            self._record_nonfinite(values)
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(self._params, self.config.grad_clip, grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self._update_ema()
+        self._acc.add(values)
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
+        """Mean test ELBO terms (EMA weights), with ``elbo`` and ``bits_per_dim``."""
+        return self.evaluate_detailed(max_batches=max_batches).means
+
+    @torch.no_grad()
+    def evaluate_detailed(
+        self,
+        max_batches: int | None = None,
+        *,
+        dataset: Dataset | None = None,
+        estimator: str | None = None,
+        estimator_params: Mapping[str, Any] | None = None,
+        use_ema: bool = True,
+    ) -> EvalResult:
+        """Every ELBO term on ``dataset`` (default: the test split) with its standard error.
+
+        Uses ``config.eval_estimator``/``eval_estimator_params`` unless given, in fp32, with
+        a random stream of its own (seeded by ``seed`` and the step) so evaluation neither
+        disturbs nor depends on the training randomness.
+        """
+        dataset = dataset if dataset is not None else self.test_dataset
+        if dataset is None:
+            raise DataError("evaluation needs a test dataset; none was given to the Trainer")
+        estimator = estimator if estimator is not None else self.config.eval_estimator
+        params = (
+            estimator_params if estimator_params is not None else self.config.eval_estimator_params
+        )
+        with self._private_rng(self.config.seed + 1_000_003 * (self.step + 1)):
+            return evaluate_model(
+                self.ema_model if use_ema else self.model,
+                dataset,
+                batch_size=self.config.eval_batch_size,
+                max_batches=max_batches,
+                estimator=estimator,
+                estimator_params=params,
+            )
+
+    def evaluate_and_log(self) -> dict[str, float] | None:
+        """The periodic evaluation (rank 0): test terms to ``eval/*``, a sample grid for image
+        data, then ``on_eval_end``."""
+        if not self.is_main:
+            return None
+        result = self.evaluate_detailed(max_batches=self.config.eval_batches)
+        self.logger.scalars("eval", result.means, self.step)
+        if len(self.model.data_shape) == 3 and self.config.num_samples > 0:
+            self.logger.image(
+                "samples", image_grid(self.sample(self.config.num_samples)), self.step
+            )
+        self._call_hook("on_eval_end", trainer=self, step=self.step, metrics=dict(result.means))
+        return result.means
+
+    @torch.no_grad()
+    def sample(self, n: int, *, seed: int | None = None, use_ema: bool = True) -> Tensor:
+        """``n`` draws from the (EMA) model, ``(n, *data_shape)``, from a private random
+        stream (``seed``, default the config's seed and the step)."""
+        model = self.ema_model if use_ema else self.model
+        seed = self.config.seed + 7919 * (self.step + 1) if seed is None else seed
+        with self._private_rng(seed):
+            generator = torch.Generator(self.device).manual_seed(seed)
+            return model.sample(n, generator=generator)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly (tensors and plain values only)."""
+        return {
+            "format": ckpt.FORMAT,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "model": self.model.state_dict(),
+            "ema": self.ema_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": self._gather_rng(),
+            "config": config_dict(self.config),
+            "run_info": json.loads(json.dumps(self.run_info, default=str)),
+            "data_shape": list(self.model.data_shape),
+            "world_size": self.dist.world_size,
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/step-NNNNNNNN.pt`` atomically, keep the newest
+        ``keep_checkpoints``, call ``on_checkpoint``. Collective under DDP; rank 0 writes."""
+        self._raise_if_nonfinite()
+        state = self.state_dict()  # gathers every rank's RNG state
+        self._checkpointed_step = self.step
+        if not self.is_main or self.run_dir is None:
+            return None
+        path = ckpt.save_atomic(state, ckpt.checkpoint_path(self.run_dir, self.step))
+        ckpt.prune(self.run_dir, self.config.keep_checkpoints)
+        self._last_checkpoint = path
+        if self.logger is not None:
+            self.logger.flush()
+        self._call_hook("on_checkpoint", trainer=self, step=self.step, path=path)
+        return path
+
+    def resume(self, path: str | Path | None = None) -> Path:
+        """Restore ``path`` (default: the run dir's latest checkpoint)."""
+        if path is None:
+            if self.run_dir is None:
+                raise CheckpointError("resume needs a run dir or a checkpoint path")
+            path = ckpt.latest_checkpoint(self.run_dir)
+            if path is None:
+                raise CheckpointError(
+                    f"--resume: no checkpoint in {ckpt.checkpoint_dir(self.run_dir)}"
+                )
+        self.load_state_dict(ckpt.load(path, map_location=self.device), path=Path(path))
+        self._last_checkpoint = Path(path)
+        self._checkpointed_step = self.step
+        return Path(path)
+
+    def load_state_dict(self, state: Mapping[str, Any], *, path: Path) -> None:
+        """Restore what :meth:`state_dict` returned; a mismatch is a :class:`CheckpointError`
+        naming ``path``."""
+        saved_model = (state.get("run_info") or {}).get("model", {}).get("name")
+        mine = self.run_info.get("model", {}).get("name")
+        if saved_model and mine and saved_model != mine:
+            raise CheckpointError(
+                f"checkpoint {path} holds model '{saved_model}', but this run trains '{mine}'"
+            )
+        if list(state.get("data_shape", [])) != list(self.model.data_shape):
+            raise CheckpointError(
+                f"checkpoint {path} is for data of shape {tuple(state.get('data_shape', []))}, "
+                f"this model's is {tuple(self.model.data_shape)}"
+            )
+        ckpt.load_module_state(self.model, state["model"], path, "model")
+        ckpt.load_module_state(self.ema_model, state["ema"], path, "model's EMA")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            step, epoch, batch = (
+                int(state["step"]),
+                int(state["epoch"]),
+                int(state["batch_in_epoch"]),
+            )
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint {path} does not match this run: {exc}") from None
+        self.step, self.epoch, self.batch_in_epoch = step, epoch, batch
+        self._iter = None
+        rng = state["rng"]
+        if len(rng) == self.dist.world_size:
+            ckpt.set_rng_state(rng[self.dist.rank])
+        else:  # another world size: a fresh, still deterministic stream per rank
+            self._seed_everything(self.config.seed + self.dist.rank + 7 * step)
+
+    # -- internals -------------------------------------------------------------------------
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _private_rng(self, seed: int) -> Iterator[None]:
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    def _train_loader(self, epoch: int, start_batch: int) -> DataLoader:
+        return make_train_loader(
+            self.train_dataset,
+            self.local_batch_size,
+            seed=self.config.seed,
+            epoch=epoch,
+            start_batch=start_batch,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            num_workers=self.config.num_workers,
+        )
+
+    def _next_batch(self) -> Tensor:
+        """The batch at (epoch, batch_in_epoch); the position then moves on by one."""
+        if self._iter is None:
+            # creating a DataLoader iterator draws a seed from the global generator: keep
+            # that out of the training stream so resuming mid-epoch stays exact
+            with torch.random.fork_rng(devices=[]):
+                self._iter = iter(self._train_loader(self.epoch, self.batch_in_epoch))
+        batch = next(self._iter)
+        self.batch_in_epoch += 1
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            self.epoch, self.batch_in_epoch, self._iter = self.epoch + 1, 0, None
+        return batch_tensor(batch)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """``ema <- decay * ema + (1 - decay) * w`` (a copy before ``ema_start``)."""
+        weight = 1.0 if self.step <= self.config.ema_start else 1.0 - self.config.ema_decay
+        ema, live = self._ema_pairs
+        if ema:
+            torch._foreach_lerp_(ema, live, weight)
+        for b_ema, b in self._buffer_pairs:
+            b_ema.copy_(b)
+
+    def _start_metrics(self, terms: list[str], extras: list[str]) -> None:
+        self._term_names, self._extra_names = terms, extras
+        names = [*terms, *extras, "objective", "grad_norm"]
+        self._acc = MetricAccumulator(names, self.device)
+        self._bad_step = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._bad_mask = torch.zeros(len(names), dtype=torch.bool, device=self.device)
+
+    def _record_nonfinite(self, values: Tensor) -> None:
+        """Remember (on the device, no sync) the first step whose loss or gradient was not
+        finite and which values were not."""
+        bad = ~torch.isfinite(values)
+        first = bad[-2:].any() & (self._bad_step == 0)
+        self._bad_step = torch.where(first, self.step + 1, self._bad_step)
+        self._bad_mask = torch.where(first, bad, self._bad_mask)
+
+    def _raise_if_nonfinite(self) -> None:
+        if self._bad_step is not None and int(self._bad_step) > 0:
+            raise self._nonfinite_error(int(self._bad_step), self._bad_mask, None)
+
+    def _nonfinite_error(self, step: int, mask: Tensor, values: Tensor | None) -> NonFiniteError:
+        names = [*self._term_names, *self._extra_names, "objective", "grad_norm"]
+        bad = [n for n, b in zip(names, mask.tolist(), strict=True) if b]
+        term = next((n for n in bad if n in self._term_names), None)
+        extra = next((n for n in bad if n in self._extra_names), None)
+        if term is not None:
+            what = f"ELBO term '{term}'"
+        elif extra is not None:
+            what = f"extra '{extra}'"
+        elif "objective" in bad:
+            what = "the objective"
+        else:
+            what = "the gradient norm"
+        shown = ""
+        if values is not None:
+            shown = (
+                " ("
+                + ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values.tolist(), strict=True))
+                + ")"
+            )
+        keep = f"; last good checkpoint: {self._last_checkpoint}" if self._last_checkpoint else ""
+        return NonFiniteError(f"non-finite {what} at step {step}{shown}{keep}")
+
+    def _flush_metrics(self) -> None:
+        """Sync the accumulated step metrics once, log them, call ``on_step_end``."""
+        if self._acc is None or self._acc.count == 0:
+            return
+        if not self._eager_checks:
+            self._raise_if_nonfinite()
+        steps = self._acc.count
+        metrics = with_totals(self._acc.mean(), self._term_names, self.num_dims)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        if not self.is_main:
+            return
+        self.logger.scalars("train", metrics, self.step)
+        self.logger.progress(
+            steps,
+            {"loss": metrics["objective"], "bits/dim": metrics["bits_per_dim"]},
+        )
+        self._call_hook("on_step_end", trainer=self, step=self.step, metrics=metrics)
+
+    def _should_stop(self, step: int, until: int) -> bool:
+        """Whether a stop signal arrived; under DDP the ranks agree (an all-reduce every
+        ``log_every`` steps, or 10 when that is 0), so they stop at the same step."""
+        if self.dist.world_size == 1:
+            return self._stop_signal is not None
+        if step % (self.config.log_every or 10) and step != until:
+            return False
+        flag = torch.tensor(
+            [float(self._stop_signal or 0)],
+            device=self.device if self.device.type == "cuda" else "cpu",
+        )
+        distributed.all_reduce_max(flag)
+        if flag.item() > 0 and self._stop_signal is None:
+            self._stop_signal = int(flag.item())
+        return flag.item() > 0
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM ask the loop to checkpoint and stop; a second SIGINT interrupts."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, _frame: Any) -> None:
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _gather_rng(self) -> list[dict[str, Any]]:
+        mine = ckpt.rng_state()
+        if self.dist.world_size == 1:
+            return [mine]
+        import torch.distributed as dist
+
+        everyone: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(everyone, mine)
+        return everyone
+
+    def _call_hook(self, name: str, **kwargs: Any) -> None:
+        """Call each plugin's implementation of ``name`` on rank 0. One that raises is
+        reported once per plugin as a ``RuntimeWarning`` naming it, and training goes on."""
+        if not self.is_main:
+            return
+        caller = getattr(self.catalog.pm.hook, name)
+        for impl in reversed(caller.get_hookimpls()):
+            if impl.hookwrapper or getattr(impl, "wrapper", False):
+                continue
+            try:
+                impl.function(*[kwargs[a] for a in impl.argnames])
+            except Exception as exc:
+                key = (impl.plugin_name, name)
+                if key not in self._warned_hooks:
+                    self._warned_hooks.add(key)
+                    warnings.warn(
+                        f"plugin '{impl.plugin_name}' raised in {name}: "
+                        f"{type(exc).__name__}: {exc} (training continues)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+
+    def _describe(self) -> dict[str, Any]:
+        return {"train": config_dict(self.config), **self.run_info}
+
+    def _write_run_config(self) -> None:
+        path = self.run_dir / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = {
+            **json.loads(json.dumps(self.run_info, default=str)),
+            "data_shape": list(self.model.data_shape),
+            "train": config_dict(self.config),
+        }
+        tmp = path.with_name(f".config.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+
+def _matching_tensors(model: nn.Module, ema: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """The EMA's parameters and the model's, pair by pair (only trained parameters)."""
+    ema_params = dict(ema.named_parameters())
+    pairs = [(ema_params[n], p.detach()) for n, p in model.named_parameters() if p.requires_grad]
+    return [e for e, _ in pairs], [p for _, p in pairs]
+
+
+def bits_per_dim(nats: float, num_dims: int) -> float:
+    """``-nats / (D ln 2)``."""
+    return -nats / (num_dims * LN2)

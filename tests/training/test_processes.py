@@ -1,0 +1,279 @@
+"""Tests that start real processes: SIGKILL + resume, SIGTERM, two-process DDP, the CLI."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from trainhelp import TinyModel, flat_params, tiny_images
+
+from genkit.training import TrainConfig, Trainer
+from genkit.training import checkpoint as ckpt
+
+HERE = Path(__file__).parent
+CHILD = HERE / "trainchild.py"
+
+
+def child_env(**extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", **extra}
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run_child(*args, env=None, check=True):
+    proc = subprocess.run(
+        [sys.executable, str(CHILD), *map(str, args)],
+        env=env or child_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_sigkill_then_resume_equals_uninterrupted_bit_for_bit(tmp_path):
+    def start(*args):
+        return subprocess.Popen(
+            [sys.executable, str(CHILD), *map(str, args)],
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    full = start("--run-dir", tmp_path / "full", "--steps", 30)
+    killed = start("--run-dir", tmp_path / "cut", "--steps", 30, "--kill-at", 14)
+    for proc, code in ((full, 0), (killed, -signal.SIGKILL)):
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == code, err[-3000:]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "cut")] == ["step-00000010.pt"]
+    assert not (tmp_path / "cut" / "final.pt").exists()
+    run_child("--run-dir", tmp_path / "cut", "--steps", 30, "--resume")
+    full = torch.load(tmp_path / "full" / "final.pt")
+    resumed = torch.load(tmp_path / "cut" / "final.pt")
+    assert torch.equal(full["params"], resumed["params"])
+    assert torch.equal(full["ema"], resumed["ema"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_equal_one_process_on_the_combined_batch(tmp_path):
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(CHILD), "--run-dir", str(tmp_path), "--ddp-step"],
+            env=child_env(
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE="2",
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-3000:]
+    ddp = torch.load(tmp_path / "ddp.pt")
+
+    torch.manual_seed(0)
+    model = TinyModel()
+    start = flat_params(model).clone()
+    x = tiny_images(32, seed=3)
+    cfg = TrainConfig(
+        steps=1,
+        batch_size=32,
+        lr=0.05,
+        lr_warmup_steps=0,
+        grad_clip=0.5,
+        objective_weights={"surrogate": 0.3},
+        device="cpu",
+    )
+    trainer = Trainer(model, cfg, x, progress=False)
+    trainer.train_step(x)
+    trainer.train_step(torch.cat([x[:16].flip(0), x[16:].flip(0)]))
+    single = flat_params(trainer.model)
+    assert not torch.allclose(single, start)  # the steps moved the parameters
+    torch.testing.assert_close(ddp, single, rtol=1e-5, atol=1e-6)
+
+
+def write_tiny_h5(path: Path) -> Path:
+    from genkit.data import DatasetArrays, SplitArrays, write_h5
+
+    rng = np.random.default_rng(0)
+    k = ((tiny_images(160) + 1) * 127.5).round().to(torch.uint8).numpy()
+    labels = rng.integers(0, 10, 160)
+    arrays = DatasetArrays(
+        splits={
+            "train": SplitArrays(images=k[:128], labels=labels[:128]),
+            "test": SplitArrays(images=k[128:], labels=labels[128:]),
+        },
+        attrs={"source": "genkit tests"},
+    )
+    return write_h5(arrays, path)
+
+
+def genkit_cli(*args, check=True, timeout=180):
+    """Run ``python -m genkit ARGS`` in a child process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "genkit", *map(str, args)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"genkit {args[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+FEW = [
+    "--set",
+    "steps=6",
+    "--set",
+    "batch_size=16",
+    "--set",
+    "eval_every=3",
+    "--set",
+    "log_every=3",
+    "--set",
+    "num_samples=4",
+]
+
+
+def invoke(*args, code=0):
+    """Run the click CLI in this process (as ``genkit ARGS``)."""
+    from click.testing import CliRunner
+
+    from genkit.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+def test_cli_train_eval_sample_end_to_end(tmp_path):
+    from PIL import Image
+
+    data = write_tiny_h5(tmp_path / "tiny.h5")
+    run = tmp_path / "run"
+    out = invoke(
+        "train",
+        "--model",
+        "vae",
+        "--data",
+        data,
+        "--out",
+        run,
+        *FEW,
+        "--set",
+        "model.latent_dim=3",
+        "--set",
+        "model.hidden=16",
+        "--set",
+        "objective_weights={prior_matching=0.5}",
+    )
+    assert "reconstruction" in out and "bits/dim" in out and "step 6" in out
+    info = json.loads((run / "config.json").read_text())
+    assert info["model"] == {"name": "vae", "params": {"latent_dim": 3, "hidden": 16}}
+    assert info["data"] == str(data.resolve()) and info["data_shape"] == [1, 8, 8]
+    assert info["train"]["objective_weights"] == {"prior_matching": 0.5}
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000006.pt"]
+
+    ev = invoke("eval", run)
+    assert "32 examples" in ev and "±" in ev
+    lines = {ln.split()[0]: ln.split() for ln in ev.splitlines()[2:]}
+    assert set(lines) == {"reconstruction", "prior_matching", "elbo"}
+    total = float(lines["reconstruction"][1]) + float(lines["prior_matching"][1])
+    assert float(lines["elbo"][1]) == pytest.approx(total, abs=2e-4)
+    iw = invoke("eval", run, "--estimator", "iwae", "--param", "k=8")
+    assert "importance_weighted" in iw and "estimator iwae" in iw
+
+    invoke("sample", run, "-n", "6", "--out", tmp_path / "grid.png")
+    image = Image.open(tmp_path / "grid.png")
+    assert image.size == (3 * 8, 2 * 8) and image.mode == "L"
+
+    bad = invoke(
+        "train",
+        "--model",
+        "vae",
+        "--data",
+        data,
+        "--out",
+        tmp_path / "r2",
+        "--set",
+        "stpes=3",
+        code=1,
+    )
+    assert "Error: --set: unknown key 'stpes'; did you mean 'steps'" in bad
+    missing = invoke("eval", tmp_path / "nowhere", code=1)
+    assert "is not a genkit run dir" in missing
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    data = write_tiny_h5(tmp_path / "tiny.h5")
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "genkit",
+            "train",
+            "--model",
+            "vae",
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--set",
+            "steps=100000",
+            "--set",
+            "batch_size=16",
+            "--set",
+            "checkpoint_every=5",
+            "--set",
+            "model.hidden=16",
+            "--quiet",
+        ],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not ckpt.list_checkpoints(run) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.list_checkpoints(run), (
+        proc.stderr.read() if proc.poll() is not None else "no checkpoint"
+    )
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+    assert "SIGTERM at step" in out
+    stopped = int(out.split("SIGTERM at step ")[1].split(":")[0])
+    latest = ckpt.latest_checkpoint(run)
+    assert latest.name == f"step-{stopped:08d}.pt"
+    assert ckpt.load(latest)["step"] == stopped
+    resumed = genkit_cli("train", "--out", run, "--resume", "--set", f"steps={stopped + 2}")
+    assert f"step {stopped + 2}" in resumed.stdout

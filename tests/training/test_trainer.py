@@ -1,0 +1,266 @@
+import os
+import re
+import warnings
+
+import attrs
+import pytest
+import torch
+from trainhelp import TinyModel, flat_params, tiny_images, tiny_vae
+
+import genkit
+from genkit.errors import CheckpointError, ConfigError, NonFiniteError
+from genkit.registry import make_plugin_manager
+from genkit.training import TrainConfig, Trainer
+from genkit.training import checkpoint as ckpt
+
+FAST = dict(batch_size=16, lr_warmup_steps=2, log_every=5, eval_every=0, checkpoint_every=0)
+
+
+class Recorder:
+    """A plugin recording every trainer hook call."""
+
+    def __init__(self):
+        self.calls = []
+
+    @genkit.hookimpl
+    def on_train_start(self, trainer):
+        self.calls.append(("start", trainer.step, None))
+
+    @genkit.hookimpl
+    def on_step_end(self, trainer, step, metrics):
+        self.calls.append(("step", step, dict(metrics)))
+
+    @genkit.hookimpl
+    def on_eval_end(self, trainer, step, metrics):
+        self.calls.append(("eval", step, dict(metrics)))
+
+    @genkit.hookimpl
+    def on_checkpoint(self, trainer, step, path):
+        self.calls.append(("checkpoint", step, path))
+
+    def of(self, kind):
+        return [c for c in self.calls if c[0] == kind]
+
+
+def catalog_with(*plugins):
+    return make_plugin_manager(plugins=plugins)
+
+
+def test_loss_goes_down_on_a_tiny_dataset(tmp_path):
+    data = tiny_images(128)
+    cfg = TrainConfig(steps=80, lr=3e-3, ema_decay=0.9, **FAST)
+    trainer = Trainer(tiny_vae(), cfg, data, data[:64], tmp_path / "run", progress=False)
+    before = trainer.evaluate()["elbo"]
+    result = trainer.fit()
+    assert result.means["elbo"] > before + 20.0  # nats per image, from about -380
+    assert result.count == 64
+    assert result.means["bits_per_dim"] == pytest.approx(
+        -result.means["elbo"] / (64 * torch.log(torch.tensor(2.0)).item())
+    )
+
+
+def test_weights_change_the_objective_but_not_the_logged_elbo(images):
+    logged = {}
+    for name, extra in {
+        "plain": {},
+        "weighted": {"objective_weights": {"prior_matching": 0.5, "surrogate": 0.25}},
+        "warmup": {"warmup_terms": ["prior_matching"], "warmup_steps": 10},
+    }.items():
+        rec = Recorder()
+        torch.manual_seed(0)
+        cfg = TrainConfig(steps=1, batch_size=16, log_every=1, eval_every=0, **extra)
+        Trainer(TinyModel(), cfg, images, catalog=catalog_with(rec), progress=False).fit()
+        logged[name] = rec.of("step")[0][2]
+    plain, weighted, warm = logged["plain"], logged["weighted"], logged["warmup"]
+    for m in logged.values():  # the logged ELBO is the unweighted sum, the same batch
+        assert m["elbo"] == pytest.approx(plain["elbo"], rel=1e-6)
+        assert m["elbo"] == pytest.approx(m["reconstruction"] + m["prior_matching"], rel=1e-6)
+    rec_, pm = plain["reconstruction"], plain["prior_matching"]
+    assert plain["objective"] == pytest.approx(-(rec_ + pm), rel=1e-6)
+    assert weighted["objective"] == pytest.approx(-(rec_ + 0.5 * pm + 0.25 * 2 * rec_), rel=1e-6)
+    assert warm["objective"] == pytest.approx(-rec_, rel=1e-6)  # ramp starts at weight 0
+
+
+def test_unknown_objective_weight_is_a_clear_error(images):
+    cfg = TrainConfig(steps=1, batch_size=16, objective_weights={"priorr": 1.0})
+    with pytest.raises(genkit.InvalidParameterError, match="unknown term 'priorr'"):
+        Trainer(TinyModel(), cfg, images, progress=False).fit()
+
+
+def test_tensorboard_holds_a_scalar_per_term_and_extra(tmp_path, images):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = TrainConfig(steps=10, batch_size=16, log_every=5, eval_every=5, num_samples=4)
+    Trainer(TinyModel(), cfg, images, images[:32], tmp_path, progress=False).fit()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for split in ("train", "eval"):
+        for name in ("reconstruction", "prior_matching", "surrogate", "elbo", "bits_per_dim"):
+            assert f"{split}/{name}" in tags
+    assert {"train/objective", "train/lr", "train/grad_norm"} <= tags
+    assert [e.step for e in acc.Scalars("train/reconstruction")] == [5, 10]
+    assert [e.step for e in acc.Scalars("eval/elbo")] == [5, 10, 10]  # periodic + final
+    assert "samples" in acc.Tags()["images"]
+    assert "config/text_summary" in acc.Tags()["tensors"]
+
+
+def test_hooks_are_called_and_a_raising_plugin_is_named(tmp_path, images):
+    class Broken:
+        __name__ = "broken_plugin"
+
+        @genkit.hookimpl
+        def on_step_end(self, trainer, step, metrics):
+            raise ValueError("boom")
+
+    rec = Recorder()
+    cfg = TrainConfig(steps=10, batch_size=16, log_every=5, eval_every=10, checkpoint_every=5)
+    trainer = Trainer(
+        TinyModel(),
+        cfg,
+        images,
+        images[:32],
+        tmp_path,
+        catalog=catalog_with(rec, Broken()),
+        progress=False,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "plugin 'broken_plugin' raised in on_step_end" in messages[0]
+    assert rec.of("start") == [("start", 0, None)]
+    assert [c[1] for c in rec.of("step")] == [5, 10]  # training went on after the warning
+    assert [c[1] for c in rec.of("eval")] == [10, 10]  # periodic, then the final one
+    assert [(c[1], c[2].name) for c in rec.of("checkpoint")] == [
+        (5, "step-00000005.pt"),
+        (10, "step-00000010.pt"),
+    ]
+
+
+def test_keeps_the_last_k_checkpoints(tmp_path, images):
+    cfg = TrainConfig(steps=12, batch_size=16, checkpoint_every=3, keep_checkpoints=2)
+    Trainer(TinyModel(), cfg, images, run_dir=tmp_path, progress=False).fit()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
+        "step-00000009.pt",
+        "step-00000012.pt",
+    ]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path, images):
+    cfg = TrainConfig(steps=2, batch_size=16)
+    Trainer(TinyModel(), cfg, images, run_dir=tmp_path, progress=False).fit()
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        Trainer(TinyModel(), cfg, images, run_dir=tmp_path, progress=False).fit()
+
+
+def test_resume_in_process_equals_uninterrupted(tmp_path):
+    """Checkpoint mid-epoch (6 batches per epoch, stop at 9), resume in a new Trainer: the
+    VAE (random z every step) ends with bit-identical parameters and EMA."""
+    data = tiny_images(96)
+    cfg = TrainConfig(steps=20, ema_decay=0.9, **FAST)
+    full = Trainer(tiny_vae(), cfg, data, run_dir=tmp_path / "a", progress=False)
+    full.fit()
+
+    first = Trainer(tiny_vae(), cfg, data, run_dir=tmp_path / "b", progress=False)
+    first.start()
+    first.train(9)
+    first.save_checkpoint()
+    first.close()
+    torch.manual_seed(1234)  # whatever the process did since must not matter
+    second = Trainer(tiny_vae(seed=99), cfg, data, run_dir=tmp_path / "b", progress=False)
+    second.fit(resume=True)
+    assert second.step == 20 and (second.epoch, second.batch_in_epoch) == (3, 2)
+    assert torch.equal(flat_params(full.model), flat_params(second.model))
+    assert torch.equal(flat_params(full.ema_model), flat_params(second.ema_model))
+
+
+def test_epochs_set_the_number_of_steps(images):
+    cfg = TrainConfig(epochs=2, batch_size=32, eval_every=0)  # 96 // 32 = 3 batches/epoch
+    trainer = Trainer(TinyModel(), cfg, images, progress=False)
+    trainer.fit()
+    assert trainer.total_steps == 6 and trainer.step == 6 and trainer.epoch == 2
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_is_left_alone(tmp_path, images):
+    cfg = TrainConfig(steps=4, batch_size=16, checkpoint_every=2)
+    Trainer(TinyModel(), cfg, images, run_dir=tmp_path, progress=False).fit()
+    latest = ckpt.latest_checkpoint(tmp_path)
+    blob = latest.read_bytes()
+    latest.write_bytes(blob[: len(blob) // 2])  # truncated
+    damaged = latest.read_bytes()
+    trainer = Trainer(
+        TinyModel(),
+        attrs.evolve(cfg, steps=8),
+        images,
+        run_dir=tmp_path,
+        progress=False,
+    )
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"checkpoint {latest} is corrupt or truncated")
+    ):
+        trainer.fit(resume=True)
+    assert latest.read_bytes() == damaged
+
+    latest.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=r"step-00000004\.pt"):
+        Trainer(TinyModel(), cfg, images, run_dir=tmp_path, progress=False).fit(resume=True)
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, images):
+    cfg = TrainConfig(steps=2, batch_size=16)
+    Trainer(TinyModel(), cfg, images, run_dir=tmp_path, progress=False).fit()
+    path = ckpt.latest_checkpoint(tmp_path)
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"checkpoint {path} does not match this model")
+    ):
+        Trainer(tiny_vae(), cfg, images, run_dir=tmp_path, progress=False).fit(resume=True)
+    other_shape = tiny_images(64, shape=(1, 4, 4))
+    with pytest.raises(CheckpointError, match="data of shape"):
+        Trainer(TinyModel((1, 4, 4)), cfg, other_shape, run_dir=tmp_path, progress=False).fit(
+            resume=True
+        )
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["checked-each-step", "checked-on-sync"])
+@pytest.mark.parametrize("term", ["reconstruction", "prior_matching"])
+def test_nan_stops_the_run_naming_step_and_term(tmp_path, images, eager, term):
+    cfg = TrainConfig(steps=20, batch_size=16, log_every=4, checkpoint_every=4)
+    trainer = Trainer(TinyModel(nan_at=7, term=term), cfg, images, run_dir=tmp_path, progress=False)
+    trainer._eager_checks = eager
+    with pytest.raises(NonFiniteError, match=f"non-finite ELBO term '{term}' at step 7") as err:
+        trainer.fit()
+    assert "step-00000004.pt" in str(err.value)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000004.pt"]
+    good = ckpt.load(ckpt.latest_checkpoint(tmp_path))
+    assert all(torch.isfinite(v).all() for v in good["model"].values())
+
+
+def test_bf16_autocast_trains_on_cpu(images):
+    cfg = TrainConfig(steps=3, batch_size=16, precision="bf16", log_every=1)
+    rec = Recorder()
+    trainer = Trainer(
+        tiny_vae(), cfg, images, images[:16], catalog=catalog_with(rec), progress=False
+    )
+    result = trainer.fit()
+    assert all(torch.isfinite(torch.tensor(m["elbo"])) for _, _, m in rec.of("step"))
+    assert torch.isfinite(torch.tensor(result.means["elbo"]))
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+@pytest.mark.skipif(
+    bool(os.environ.get("GENKIT_SKIP_COMPILE")),
+    reason="GENKIT_SKIP_COMPILE is set (torch.compile takes ~10 s on a small CPU)",
+)
+def test_compiled_model_matches_eager(images):
+    cfg = TrainConfig(steps=2, batch_size=16, eval_every=0)
+    eager = Trainer(tiny_vae(), cfg, images, progress=False)
+    compiled = Trainer(tiny_vae(), attrs.evolve(cfg, compile=True), images, progress=False)
+    assert torch.equal(flat_params(eager.model), flat_params(compiled.model))
+    torch.manual_seed(5)
+    eager.fit()
+    torch.manual_seed(5)
+    compiled.fit()
+    assert torch.allclose(flat_params(eager.model), flat_params(compiled.model), atol=1e-5)
+    assert set(compiled.model.state_dict()) == set(eager.model.state_dict())
