@@ -1,1 +1,5 @@
 """genkit's built-in variational diffusion model plugin (model name ``vdm``)."""
+
+from genkit_vdm.model import VDM, VDMConfig, create_vdm
+
+__all__ = ["VDM", "VDMConfig", "create_vdm"]

@@ -1,0 +1,131 @@
+"""The VDM's fixed encoder: the forward (noising) process of the lecture, restriction 2.
+
+With ``alpha_t = 1 - beta_t`` and ``alpha_bar_t = prod_{s=1}^t alpha_s`` (``alpha_bar_0 = 1``)::
+
+    q(x_t | x_{t-1})     = N(sqrt(alpha_t) x_{t-1}, (1 - alpha_t) I)               q_step
+    q(x_t | x_0)         = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)           q_marginal
+    q(x_{t-1} | x_t, x_0) = N(mu_q, sigma_q^2 I)                                    q_posterior
+        mu_q      = (sqrt(alpha_bar_{t-1}) beta_t x_0 + sqrt(alpha_t) (1 - alpha_bar_{t-1}) x_t)
+                    / (1 - alpha_bar_t)
+        sigma_q^2 = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)                (beta-tilde)
+
+It holds buffers only (the schedule's tables, float64, not saved in checkpoints since the
+config rebuilds them) and no learned parameter. Every distribution it returns is an
+``Independent(Normal)`` over the data dimensions: batch shape ``(B,)``, ``log_prob`` ``(B,)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor
+from torch.distributions import Distribution
+
+from genkit.distributions import diagonal_normal
+from genkit.errors import InvalidParameterError
+from genkit.model import Encoder
+from genkit_vdm.schedules import DiscreteSchedule
+
+
+def expand_like(c: Tensor, x: Tensor) -> Tensor:
+    """A per-example coefficient ``c: (B,)`` shaped ``(B, 1, ..., 1)`` to broadcast over ``x``."""
+    pattern = "b -> b" + " 1" * (x.dim() - 1)
+    return rearrange(c.to(x.dtype), pattern)
+
+
+class DiscreteForwardProcess(Encoder):
+    """The fixed Gaussian encoder of a discrete-time VDM with ``T = schedule.timesteps`` steps.
+
+    Tables are stored with index ``t`` for step ``t`` (index 0 is ``t = 0``: ``alpha_bar_0 = 1``).
+    Steps ``t`` are a ``(B,)`` LongTensor or an int (broadcast over the batch).
+    """
+
+    def __init__(self, schedule: DiscreteSchedule) -> None:
+        super().__init__()
+        self.schedule = schedule
+        self.timesteps = schedule.timesteps
+        one = torch.ones(1, dtype=torch.float64)
+        betas = torch.cat([torch.zeros(1, dtype=torch.float64), schedule.betas])  # (T+1,)
+        alpha_bars = torch.cat([one, schedule.alpha_bars])  # (T+1,)
+        self.register_buffer("betas", betas, persistent=False)
+        self.register_buffer("alphas", 1.0 - betas, persistent=False)
+        self.register_buffer("alpha_bars", alpha_bars, persistent=False)
+
+    # -- steps -----------------------------------------------------------------------------
+    def steps(self, t: Tensor | int, batch: int | None = None, *, low: int = 1) -> Tensor:
+        """``t`` as a LongTensor ``(B,)`` on the tables' device, checked to lie in ``low..T``."""
+        device = self.betas.device
+        if isinstance(t, int):
+            t = torch.full((batch or 1,), t, dtype=torch.long, device=device)
+        else:
+            t = torch.as_tensor(t, device=device)
+            if t.is_floating_point():
+                raise InvalidParameterError(
+                    f"a discrete-time VDM takes integer steps t in {low}..{self.timesteps}, got a float tensor"
+                )
+            t = t.long().reshape(-1)
+            if batch is not None and t.numel() == 1 and batch != 1:
+                t = t.expand(batch)
+        if t.numel() and (int(t.min()) < low or int(t.max()) > self.timesteps):
+            raise InvalidParameterError(
+                f"step t must lie in {low}..{self.timesteps}; got values from {int(t.min())} to {int(t.max())}"
+            )
+        return t
+
+    def alpha_bar(self, t: Tensor | int) -> Tensor:
+        """``alpha_bar_t = prod_{s=1}^t (1 - beta_s)`` for ``t`` in ``0..T`` (float64, ``(B,)``)."""
+        return self.alpha_bars[self.steps(t, low=0)]
+
+    def log_snr(self, t: Tensor | int) -> Tensor:
+        """``log SNR(t) = log(alpha_bar_t / (1 - alpha_bar_t))`` for ``t`` in ``1..T``
+        (VDM's ``gamma(t)`` is its negative), float64 ``(B,)``."""
+        ab = self.alpha_bars[self.steps(t)]
+        return torch.log(ab) - torch.log1p(-ab)
+
+    # -- the distributions -----------------------------------------------------------------
+    def q_step(self, x_prev: Tensor, t: Tensor | int) -> Distribution:
+        """``q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, (1 - alpha_t) I)``, ``x_prev: (B, ...)``."""
+        t = self.steps(t, x_prev.shape[0])
+        a = expand_like(self.alphas[t], x_prev)
+        return diagonal_normal(
+            a.sqrt() * x_prev, (1.0 - a).sqrt().expand_as(x_prev), x_prev.dim() - 1
+        )
+
+    def q_marginal(self, x0: Tensor, t: Tensor | int) -> Distribution:
+        """``q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)``, ``x0: (B, ...)``."""
+        t = self.steps(t, x0.shape[0])
+        ab = expand_like(self.alpha_bars[t], x0)
+        return diagonal_normal(ab.sqrt() * x0, (1.0 - ab).sqrt().expand_as(x0), x0.dim() - 1)
+
+    def posterior_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """For steps ``t: (B,)`` in ``1..T``: the coefficients of ``x_0`` and ``x_t`` in
+        ``mu_q`` and the variance ``sigma_q^2 = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)``
+        (float64, each ``(B,)``; the variance is 0 at ``t = 1``)."""
+        beta, alpha = self.betas[t], self.alphas[t]
+        ab, ab_prev = self.alpha_bars[t], self.alpha_bars[t - 1]
+        c0 = ab_prev.sqrt() * beta / (1.0 - ab)
+        ct = alpha.sqrt() * (1.0 - ab_prev) / (1.0 - ab)
+        var = beta * (1.0 - ab_prev) / (1.0 - ab)
+        return c0, ct, var
+
+    def posterior_mean(self, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
+        """``mu_q(x_t, x_0) = (sqrt(alpha_bar_{t-1}) beta_t x_0 + sqrt(alpha_t)
+        (1 - alpha_bar_{t-1}) x_t) / (1 - alpha_bar_t)``, shaped like ``x_t``."""
+        c0, ct, _ = self.posterior_coefficients(t)
+        return expand_like(c0, x_t) * x0 + expand_like(ct, x_t) * x_t
+
+    def posterior_std(self, t: Tensor, like: Tensor) -> Tensor:
+        """``sigma_q`` of step ``t``, ``(B, 1, ..., 1)`` in ``like``'s dtype."""
+        return expand_like(self.posterior_coefficients(t)[2].sqrt(), like)
+
+    def q_posterior(self, x_t: Tensor, x0: Tensor, t: Tensor | int) -> Distribution:
+        """``q(x_{t-1} | x_t, x_0) = N(mu_q, sigma_q^2 I)`` for ``t`` in ``2..T`` (at ``t = 1`` it
+        is a point mass at ``x_0`` and has no density)."""
+        t = self.steps(t, x_t.shape[0], low=2)
+        mean = self.posterior_mean(x_t, x0, t)
+        return diagonal_normal(mean, self.posterior_std(t, x_t).expand_as(x_t), x_t.dim() - 1)
+
+    def forward(self, x: Tensor, t: Tensor | int = 1) -> Distribution:
+        """``encoder(x0, t) = q(x_t | x_0)``; by default the first latent's ``q(x_1 | x_0)``, as
+        an MHVAE's encoder gives ``q(z_1 | x)``."""
+        return self.q_marginal(x, t)

@@ -1,0 +1,333 @@
+"""The variational diffusion model in discrete time: the lecture's MHVAE with three restrictions
+(latents the size of the data, a fixed Gaussian encoder, a standard-normal last latent).
+
+Generative model (``seeds/000``, "Restriction 3")::
+
+    p(x_{0:T}) = p(x_T) p(x_0 | x_1) prod_{t=2}^T p(x_{t-1} | x_t),     p(x_T) = N(0, I)
+
+with the learned reverse step ``p(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I)`` for
+``t >= 2``, where ``mu_theta(x_t, t) = mu_q(x_t, x0_hat(x_t, t))`` is the posterior mean of
+:mod:`genkit_vdm.encoder` with the network's estimate of ``x_0`` in place of ``x_0``, and
+``sigma_t^2 = beta-tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)``, the posterior
+variance (Ho et al.'s lower choice; with it the reverse step is exact when ``x0_hat = x_0``).
+
+The network's output is read by ``parameterization``:
+
+- ``eps``: ``eps_hat``; ``x0_hat = (x_t - sqrt(1 - ab_t) eps_hat) / sqrt(ab_t)``;
+- ``x0``:  ``x0_hat`` itself;
+- ``v``:   ``v_hat`` with ``v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0``;
+  ``x0_hat = sqrt(ab_t) x_t - sqrt(1 - ab_t) v_hat``.
+
+The decoder ``p(x_0 | x_1)`` (``t = 1``) has mean ``x0_hat(x_1, 1)``, which equals ``mu_theta(x_1, 1)``
+since ``alpha_bar_0 = 1``, and scale ``sigma_1 = sqrt(beta_1)`` (``beta-tilde_1 = 0`` is no scale;
+DDPM's ``sigma_1^2 = beta_1``): a :class:`~genkit.distributions.DiscretizedGaussian` over the
+256 bins for images, a Gaussian density for vectors. No clipping happens inside the ELBO.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+from attrs import validators as v
+from torch import Tensor, nn
+from torch.distributions import Distribution, Independent, Normal
+
+from genkit import likelihoods
+from genkit.config import structure
+from genkit.distributions import DiscretizedGaussian, diagonal_normal
+from genkit.elbo import ELBO, ELBOTerms
+from genkit.errors import InvalidParameterError
+from genkit.model import Decoder, LatentVariableModel, StandardNormalPrior
+from genkit_vdm.encoder import DiscreteForwardProcess, expand_like
+from genkit_vdm.schedules import DiscreteSchedule
+from genkit_vdm.unet import MLPDenoiser, UNet
+
+PARAMETERIZATIONS = ("eps", "x0", "v")
+
+
+@attrs.frozen(kw_only=True)
+class VDMConfig:
+    """Parameters of ``create_model("vdm", data_shape, **params)`` (all but ``net``)."""
+
+    #: ``T``, the number of noising steps; ``0`` (continuous time) is not available yet.
+    timesteps: int = attrs.field(default=1000, validator=v.ge(0))
+    #: A registered schedule name (built-ins: ``linear``, ``cosine``).
+    schedule: str = "linear"
+    #: Extra keyword arguments of the schedule's factory (e.g. ``{"s": 0.008}`` for cosine).
+    schedule_params: dict[str, float] = attrs.field(factory=dict)
+    #: What the network predicts: ``eps``, ``x0`` or ``v``.
+    parameterization: str = attrs.field(default="eps", validator=v.in_(PARAMETERIZATIONS))
+    #: The default denoiser: ``unet`` (images only), ``mlp`` or ``auto`` (by data rank).
+    denoiser: str = attrs.field(default="auto", validator=v.in_(("auto", "unet", "mlp")))
+    #: U-Net base channels, per-level multipliers, residual blocks per level, attention
+    #: at resolutions <= ``attention_resolution`` (0: none), dropout.
+    channels: int = attrs.field(default=32, validator=v.ge(1))
+    channel_mults: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = attrs.field(default=1, validator=v.ge(1))
+    attention_resolution: int = attrs.field(default=8, validator=v.ge(0))
+    dropout: float = attrs.field(default=0.0, validator=[v.ge(0.0), v.lt(1.0)])
+    #: MLP denoiser width and depth (vectors, or images with ``denoiser="mlp"``).
+    hidden: int = attrs.field(default=256, validator=v.ge(1))
+    depth: int = attrs.field(default=3, validator=v.ge(1))
+    #: The decoder ``p(x_0|x_1)``: ``discretized_gaussian``, ``gaussian`` or ``auto``.
+    likelihood: str = attrs.field(
+        default="auto", validator=v.in_(("auto", "discretized_gaussian", "gaussian"))
+    )
+    #: The default estimator (``elbo(x)``): steps t drawn per example, and how.
+    t_samples: int = attrs.field(default=1, validator=v.ge(1))
+    t_sampler: str = attrs.field(default="uniform", validator=v.in_(("uniform", "importance")))
+    #: Clip ``x0_hat`` to [-1, 1] when sampling images (never inside the ELBO).
+    clip_denoised: bool = True
+
+
+def build_schedule(cfg: VDMConfig) -> DiscreteSchedule:
+    """The schedule ``cfg.schedule`` built through the catalogue (``register_schedules``)."""
+    from genkit.registry import get_catalog
+
+    if cfg.timesteps == 0:
+        raise InvalidParameterError(
+            "model 'vdm': timesteps=0 selects continuous time, which is not available yet; "
+            "use timesteps >= 1"
+        )
+    schedule = get_catalog().build(
+        "schedules", cfg.schedule, timesteps=cfg.timesteps, **cfg.schedule_params
+    )
+    if not isinstance(schedule, DiscreteSchedule) or schedule.timesteps != cfg.timesteps:
+        raise InvalidParameterError(
+            f"schedule '{cfg.schedule}' returned {type(schedule).__name__}; the discrete-time VDM "
+            f"needs a DiscreteSchedule with {cfg.timesteps} betas"
+        )
+    return schedule
+
+
+def default_denoiser(data_shape: tuple[int, ...], cfg: VDMConfig) -> nn.Module:
+    """The U-Net for images ``(C, H, W)``, the MLP for vectors ``(D,)`` (or ``cfg.denoiser``)."""
+    kind = cfg.denoiser
+    if kind == "auto":
+        kind = "unet" if len(data_shape) == 3 else "mlp"
+    if kind == "unet":
+        if len(data_shape) != 3:
+            raise InvalidParameterError(
+                f"model 'vdm': denoiser='unet' needs images (C, H, W), got data_shape {data_shape}"
+            )
+        return UNet(
+            data_shape,
+            channels=cfg.channels,
+            channel_mults=cfg.channel_mults,
+            num_res_blocks=cfg.num_res_blocks,
+            attention_resolution=cfg.attention_resolution,
+            dropout=cfg.dropout,
+        )
+    if len(data_shape) == 1:
+        return MLPDenoiser(data_shape[0], hidden=cfg.hidden, depth=cfg.depth)
+    return _FlatMLP(
+        data_shape, MLPDenoiser(int(torch.Size(data_shape).numel()), cfg.hidden, cfg.depth)
+    )
+
+
+class _FlatMLP(nn.Module):
+    """An MLP denoiser on flattened images: ``(B, C, H, W)`` -> ``(B, C*H*W)`` and back."""
+
+    def __init__(self, data_shape: tuple[int, ...], net: nn.Module) -> None:
+        super().__init__()
+        self.data_shape, self.net = data_shape, net
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.net(x.flatten(1), t).view(x.shape)
+
+
+@attrs.frozen
+class Prediction:
+    """The network's reading at ``(x_t, t)``: ``x0`` and ``eps`` estimates, shaped like ``x_t``."""
+
+    x0: Tensor
+    eps: Tensor
+
+
+class ReverseProcess(Decoder):
+    """The learned reverse process ``p(x_{t-1} | x_t)``; called as a :class:`Decoder` it is the
+    last step, ``p(x_0 | x_1)``. It owns the denoising network ``net(x_t, t)``."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        encoder: DiscreteForwardProcess,
+        parameterization: str,
+        likelihood: str,
+    ) -> None:
+        super().__init__()
+        if parameterization not in PARAMETERIZATIONS:
+            raise InvalidParameterError(
+                f"unknown parameterization '{parameterization}'; choose from {', '.join(PARAMETERIZATIONS)}"
+            )
+        self.net, self.encoder = net, encoder
+        self.parameterization, self.likelihood = parameterization, likelihood
+
+    def predict(self, x_t: Tensor, t: Tensor, clip: bool = False) -> Prediction:
+        """Run ``net(x_t, t)`` and read it as eps, x0 or v; both estimates returned. With
+        ``clip``, ``x0_hat`` is clipped to [-1, 1] and ``eps_hat`` re-derived from it
+        (``eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t)``), so the two stay consistent."""
+        out = self.net(x_t, t).to(x_t.dtype)
+        if out.shape != x_t.shape:
+            raise InvalidParameterError(
+                f"the denoiser returned shape {tuple(out.shape)} for x_t of shape {tuple(x_t.shape)}"
+            )
+        ab = self.encoder.alpha_bars[t]
+        s, r = expand_like(ab.sqrt(), x_t), expand_like((1.0 - ab).sqrt(), x_t)  # signal, noise
+        if self.parameterization == "eps":
+            x0, eps = (x_t - r * out) / s, out
+        elif self.parameterization == "x0":
+            x0, eps = out, (x_t - s * out) / r
+        else:
+            x0, eps = s * x_t - r * out, r * x_t + s * out
+        if clip:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = (x_t - s * x0) / r
+        return Prediction(x0, eps)
+
+    def step_from(self, x_t: Tensor, t: Tensor, x0_hat: Tensor) -> Distribution:
+        """``p(x_{t-1} | x_t) = N(mu_q(x_t, x0_hat), beta-tilde_t I)`` for ``t`` in 2..T."""
+        mean = self.encoder.posterior_mean(x_t, x0_hat, t)
+        return diagonal_normal(
+            mean, self.encoder.posterior_std(t, x_t).expand_as(x_t), x_t.dim() - 1
+        )
+
+    def decoder_from(self, x0_hat: Tensor) -> Distribution:
+        """``p(x_0 | x_1)``: mean ``x0_hat(x_1, 1)``, scale ``sqrt(beta_1)``, over the data dims."""
+        scale = self.encoder.betas[1].sqrt().to(x0_hat.dtype).expand_as(x0_hat)
+        event = x0_hat.dim() - 1
+        if self.likelihood == "discretized_gaussian":
+            return Independent(DiscretizedGaussian(x0_hat, scale), event)
+        return Independent(Normal(x0_hat, scale), event)
+
+    def p_step(self, x_t: Tensor, t: Tensor | int) -> Distribution:
+        """``p(x_{t-1} | x_t)`` for ``t`` in 2..T."""
+        t = self.encoder.steps(t, x_t.shape[0], low=2)
+        return self.step_from(x_t, t, self.predict(x_t, t).x0)
+
+    def forward(self, x1: Tensor) -> Distribution:
+        """``p(x_0 | x_1)``, the decoder, ``x1: (B, *data_shape)``."""
+        t = self.encoder.steps(1, x1.shape[0])
+        return self.decoder_from(self.predict(x1, t).x0)
+
+
+class VDM(LatentVariableModel):
+    """The discrete-time variational diffusion model; also a :class:`genkit.markov.MarkovChain`
+    (``z_t = x_t``), so the shared ``consistency`` estimator works on it unchanged.
+
+    Parts: ``encoder`` (the fixed forward process), ``decoder`` (the learned reverse process,
+    owning ``net``), ``prior`` (``N(0, I)`` over the data shape).
+    """
+
+    default_estimator = "denoising_matching"
+
+    def __init__(
+        self,
+        data_shape: tuple[int, ...],
+        config: VDMConfig | None = None,
+        net: nn.Module | None = None,
+    ) -> None:
+        super().__init__(data_shape)
+        from genkit_vdm.estimators import DenoisingMatchingELBO
+
+        self.config = cfg = config or VDMConfig()
+        self.encoder = DiscreteForwardProcess(build_schedule(cfg))
+        lik = likelihoods.resolve(cfg.likelihood, self.data_shape)
+        self.decoder = ReverseProcess(
+            net if net is not None else default_denoiser(self.data_shape, cfg),
+            self.encoder,
+            cfg.parameterization,
+            lik,
+        )
+        self.prior = StandardNormalPrior(self.data_shape)
+        self.default_estimator = DenoisingMatchingELBO(
+            t_samples=cfg.t_samples, sampler=cfg.t_sampler
+        )
+
+    def elbo(self, x: Tensor, estimator: str | ELBO | None = None, **params: Any) -> ELBOTerms:
+        """The ELBO of ``x: (B, *data_shape)`` by ``estimator``: ``denoising_matching`` (default)
+        or ``consistency`` (the shared Markov-chain estimator), with its ``params``, e.g.
+        ``elbo(x, t_samples=None)`` for the exact sum over t. Without ``params`` the default
+        estimator is the model's own instance (it keeps the importance sampler's statistics)."""
+        if estimator is None and params:
+            settings = {"t_samples": self.config.t_samples, "sampler": self.config.t_sampler}
+            return super().elbo(x, "denoising_matching", **{**settings, **params})
+        return super().elbo(x, estimator, **params)
+
+    @property
+    def net(self) -> nn.Module:
+        """The denoising network ``net(x_t, t)``."""
+        return self.decoder.net
+
+    @property
+    def timesteps(self) -> int:
+        return self.encoder.timesteps
+
+    # -- the MarkovChain protocol (genkit.markov) -----------------------------------------
+    @property
+    def num_latents(self) -> int:
+        """``T``: the latents are ``x_1..x_T``."""
+        return self.encoder.timesteps
+
+    def q_transition(self, z_prev: Tensor, t: Tensor) -> Distribution:
+        """``q(x_t | x_{t-1})``, the fixed encoder's step."""
+        return self.encoder.q_step(z_prev, t)
+
+    def q_marginal(self, x: Tensor, t: Tensor) -> Distribution:
+        """``q(x_t | x_0)`` in closed form."""
+        return self.encoder.q_marginal(x, t)
+
+    def p_transition(self, z_t: Tensor, t: Tensor) -> Distribution:
+        """``p(x_{t-1} | x_t)``; ``t = 1`` is the decoder ``p(x_0 | x_1)``. Within one call
+        ``t`` is either 1 for every example or >= 2 for every example."""
+        t = self.encoder.steps(t, z_t.shape[0])
+        first = t == 1
+        if bool(first.all()):
+            return self.decoder(z_t)
+        if bool(first.any()):
+            raise InvalidParameterError(
+                "p_transition: t = 1 (the discretized decoder) and t >= 2 (Gaussian steps) "
+                "cannot be mixed in one call"
+            )
+        return self.decoder.p_step(z_t, t)
+
+    def prior_latent(self) -> Distribution:
+        """``p(x_T) = N(0, I)`` over the data shape."""
+        return self.prior()
+
+    # -- sampling -------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+        eta: float = 0.0,
+        clip: bool | None = None,
+        final: str = "mode",
+    ) -> Tensor:
+        """``n`` draws, ``(n, *data_shape)``: ancestral DDPM sampling over all T steps when
+        ``steps`` is None, else DDIM with ``steps`` steps and noise ``eta`` (see
+        :mod:`genkit_vdm.sampling`). Images come back quantized to the 256 levels of [-1, 1]."""
+        from genkit_vdm.sampling import ancestral, ddim
+
+        clip = self.config.clip_denoised and len(self.data_shape) == 3 if clip is None else clip
+        if steps is None:
+            return ancestral(self, n, generator=generator, clip=clip, final=final)
+        return ddim(self, n, steps=steps, eta=eta, generator=generator, clip=clip, final=final)
+
+
+def create_vdm(data_shape: tuple[int, ...], *, net: nn.Module | None = None, **params: Any) -> VDM:
+    """``create_model("vdm", data_shape, net=None, **params)``: ``params`` are the fields of
+    :class:`VDMConfig`; ``net`` is any module called as ``net(x_t, t)``."""
+    if net is not None and not isinstance(net, nn.Module):
+        raise InvalidParameterError(
+            f"model 'vdm': net must be a torch.nn.Module, got {type(net).__name__}"
+        )
+    cfg = structure(VDMConfig, params, where="model 'vdm'")
+    return VDM(data_shape, cfg, net=net)
+
+
+__all__ = ["VDM", "Prediction", "ReverseProcess", "VDMConfig", "create_vdm"]

@@ -1,0 +1,129 @@
+"""Drawing from a discrete-time VDM: ancestral (DDPM) sampling and DDIM.
+
+Ancestral (Ho et al. 2020): ``x_T ~ N(0, I)``, then ``x_{t-1} ~ p(x_{t-1}|x_t) =
+N(mu_q(x_t, x0_hat), beta-tilde_t I)`` for ``t = T..2``.
+
+DDIM (Song et al. 2021) on the steps ``tau_1 = 1 < ... < tau_S = T``
+(``tau_i = floor(linspace(1, T, S)_i + 1/2)``), from ``t = tau_i`` to ``s = tau_{i-1}``::
+
+    x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z,
+    sigma = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s)
+
+With ``S = T`` and ``eta = 1``, ``sigma^2 = beta-tilde_t`` and the mean is ``mu_q(x_t, x0_hat)``
+(substitute ``x_t = sqrt(ab_t) x0_hat + sqrt(1 - ab_t) eps_hat``), so DDIM is then the
+ancestral sampler, draw for draw with the same generator. ``eta = 0`` is deterministic.
+
+Both end at ``t = 1`` with the decoder ``p(x_0|x_1)``: ``final="mode"`` (default) returns its
+mode, the quantized ``x0_hat(x_1, 1)`` for images (its mean for vectors), as DDPM shows the
+mean at the last step; ``final="sample"`` draws from it. With ``clip`` (default for images)
+``x0_hat`` is clipped to [-1, 1] at every step and ``eps_hat`` re-derived from it; the ELBO
+never clips.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from genkit.distributions import sample as draw
+from genkit.errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    from genkit_vdm.model import VDM
+
+FINALS = ("mode", "sample")
+
+
+def _noise(model: VDM, n: int, generator: torch.Generator | None) -> Tensor:
+    return torch.randn((n, *model.data_shape), generator=generator, device=model.device)
+
+
+def _steps(model: VDM, n: int, t: int) -> Tensor:
+    return torch.full((n,), t, dtype=torch.long, device=model.device)
+
+
+def _last_step(
+    model: VDM, x1: Tensor, generator: torch.Generator | None, clip: bool, final: str
+) -> Tensor:
+    """``x_0`` from the decoder ``p(x_0|x_1)``: its mode or a draw."""
+    pred = model.decoder.predict(x1, _steps(model, x1.shape[0], 1), clip=clip)
+    dist = model.decoder.decoder_from(pred.x0)
+    if final == "sample":
+        return draw(dist, (), generator)
+    return dist.base_dist.mode
+
+
+def _check_final(final: str) -> None:
+    if final not in FINALS:
+        raise InvalidParameterError(
+            f"unknown final step '{final}'; choose from {', '.join(FINALS)}"
+        )
+
+
+@torch.no_grad()
+def ancestral(
+    model: VDM,
+    n: int,
+    generator: torch.Generator | None = None,
+    clip: bool = False,
+    final: str = "mode",
+) -> Tensor:
+    """DDPM's sampler over all ``T`` steps: ``(n, *data_shape)``."""
+    _check_final(final)
+    x = _noise(model, n, generator)  # x_T
+    enc = model.encoder
+    for t in range(enc.timesteps, 1, -1):
+        tt = _steps(model, n, t)
+        pred = model.decoder.predict(x, tt, clip=clip)
+        mean, std = enc.posterior_mean(x, pred.x0, tt), enc.posterior_std(tt, x)
+        x = mean + std * _noise(model, n, generator)
+    return _last_step(model, x, generator, clip, final)
+
+
+def ddim_steps(timesteps: int, steps: int) -> list[int]:
+    """``tau_1 = 1 < ... < tau_S = T``: ``floor(linspace(1, T, S) + 1/2)``, distinct for S <= T."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= timesteps:
+        raise InvalidParameterError(
+            f"DDIM steps must be an integer in 1..T = {timesteps}, got {steps!r}"
+        )
+    if steps == 1 and timesteps > 1:
+        raise InvalidParameterError(
+            f"DDIM needs steps >= 2 to go from t = T = {timesteps} to t = 1"
+        )
+    grid = torch.linspace(1, timesteps, steps, dtype=torch.float64)
+    return torch.floor(grid + 0.5).long().tolist()
+
+
+@torch.no_grad()
+def ddim(
+    model: VDM,
+    n: int,
+    steps: int,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    clip: bool = False,
+    final: str = "mode",
+) -> Tensor:
+    """DDIM with ``steps`` steps and noise level ``eta`` (0: deterministic): ``(n, *data_shape)``."""
+    _check_final(final)
+    if eta < 0:
+        raise InvalidParameterError(f"eta must be >= 0, got {eta}")
+    enc = model.encoder
+    taus = ddim_steps(enc.timesteps, steps)
+    x = _noise(model, n, generator)  # x_T
+    for t, s in zip(reversed(taus[1:]), reversed(taus[:-1]), strict=True):
+        tt = _steps(model, n, t)
+        pred = model.decoder.predict(x, tt, clip=clip)
+        ab_t, ab_s = enc.alpha_bars[t], enc.alpha_bars[s]
+        var = eta**2 * (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)
+        direction = (1 - ab_s - var).clamp(min=0.0).sqrt()
+        coef = torch.stack([ab_s.sqrt(), direction, var.sqrt()]).to(x.dtype)
+        x = coef[0] * pred.x0 + coef[1] * pred.eps
+        if eta > 0:
+            x = x + coef[2] * _noise(model, n, generator)
+    return _last_step(model, x, generator, clip, final)
+
+
+__all__ = ["ancestral", "ddim", "ddim_steps"]

@@ -1,0 +1,181 @@
+"""The default denoisers ``net(x_t, t)``: a small U-Net for images, an MLP for vectors.
+
+Both take the step ``t: (B,)`` (an integer step 1..T, or a float) through a sinusoidal
+embedding and an MLP, and return a tensor shaped like ``x_t`` that the model reads as eps,
+x0 or v. The U-Net halves the resolution between levels while H and W are even and >= 4
+(8x8 -> 4x4, 28x28 -> 14x14 -> 7x7, 32x32 -> 16x16 -> 8x8) and keeps it otherwise, so the
+upsampling path meets every skip connection at its size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from genkit.nets import mlp
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """Transformer sinusoids of ``t: (B,)`` -> ``(B, dim)``:
+    ``[cos(t w_i), sin(t w_i)]`` with ``w_i = max_period^(-i / (dim/2))``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None, :]  # (B, half)
+    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def _groups(channels: int, most: int = 8) -> int:
+    return math.gcd(channels, most)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, plus the projected time embedding, GroupNorm -> SiLU ->
+    dropout -> conv; a 1x1 skip when the channel count changes."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(c_in), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + rearrange(self.emb(F.silu(emb)), "b c -> b c 1 1")
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, with a residual."""
+
+    def __init__(self, channels: int, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = math.gcd(heads, channels)
+        self.norm = nn.GroupNorm(_groups(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, _, h, w = x.shape
+        q, k, v = rearrange(
+            self.qkv(self.norm(x)), "b (three n c) h w -> three b n (h w) c", three=3, n=self.heads
+        )
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
+        return x + self.out(rearrange(a, "b n (h w) c -> b (n c) h w", h=h, w=w))
+
+
+class UNet(nn.Module):
+    """``net(x_t, t)`` for images ``x_t: (B, C, H, W)`` -> ``(B, C, H, W)``.
+
+    ``channels * channel_mults[i]`` channels at level ``i``, ``num_res_blocks`` residual blocks
+    per level (one more on the way up, taking the skips), self-attention at levels whose
+    resolution is at most ``attention_resolution`` (0 disables it) and in the middle.
+    """
+
+    def __init__(
+        self,
+        data_shape: tuple[int, int, int],
+        channels: int = 32,
+        channel_mults: Sequence[int] = (1, 2),
+        num_res_blocks: int = 1,
+        attention_resolution: int = 8,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        c, h, w = data_shape
+        emb_dim = 4 * channels
+        self.channels = channels
+        self.embed = mlp([channels, emb_dim, emb_dim])
+        self.conv_in = nn.Conv2d(c, channels, 3, padding=1)
+
+        def attn(ch: int, res: int) -> nn.Module:
+            return SelfAttention(ch) if res <= attention_resolution else nn.Identity()
+
+        # Down: residual blocks per level, then (between levels) a stride-2 conv where H and W
+        # are even and >= 4, else an identity, so every level pushes the same skips.
+        self.down = nn.ModuleList()
+        skips, ch, size, halved = [channels], channels, (h, w), []
+        for level, mult in enumerate(channel_mults):
+            for _ in range(num_res_blocks):
+                block = nn.ModuleList([ResBlock(ch, channels * mult, emb_dim, dropout)])
+                ch = channels * mult
+                block.append(attn(ch, min(size)))
+                self.down.append(block)
+                skips.append(ch)
+            if level < len(channel_mults) - 1:
+                can = size[0] % 2 == 0 and size[1] % 2 == 0 and min(size) >= 4
+                halved.append(can)
+                self.down.append(
+                    nn.Conv2d(ch, ch, 3, stride=2, padding=1) if can else nn.Identity()
+                )
+                size = (size[0] // 2, size[1] // 2) if can else size
+                skips.append(ch)
+        self.mid1 = ResBlock(ch, ch, emb_dim, dropout)
+        self.mid_attn = SelfAttention(ch) if attention_resolution > 0 else nn.Identity()
+        self.mid2 = ResBlock(ch, ch, emb_dim, dropout)
+
+        # Up: the mirror, one more block per level to take the transition's skip.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mults))):
+            for _ in range(num_res_blocks + 1):
+                block = nn.ModuleList(
+                    [ResBlock(ch + skips.pop(), channels * mult, emb_dim, dropout)]
+                )
+                ch = channels * mult
+                block.append(attn(ch, min(size)))
+                self.up.append(block)
+            if level > 0:
+                if halved.pop():
+                    size = (size[0] * 2, size[1] * 2)
+                    up = nn.Sequential(
+                        nn.Upsample(scale_factor=2.0, mode="nearest"),
+                        nn.Conv2d(ch, ch, 3, padding=1),
+                    )
+                else:
+                    up = nn.Identity()
+                self.up.append(up)
+        self.norm_out = nn.GroupNorm(_groups(ch), ch)
+        self.conv_out = nn.Conv2d(ch, c, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        emb = self.embed(timestep_embedding(t.reshape(-1).expand(x.shape[0]), self.channels))
+        h = self.conv_in(x)
+        hs = [h]
+        for layer in self.down:
+            h = layer[1](layer[0](h, emb)) if isinstance(layer, nn.ModuleList) else layer(h)
+            hs.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for layer in self.up:
+            if isinstance(layer, nn.ModuleList):
+                h = layer[1](layer[0](torch.cat([h, hs.pop()], dim=1), emb))
+            else:
+                h = layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class MLPDenoiser(nn.Module):
+    """``net(x_t, t)`` for vectors ``x_t: (B, D)``: an MLP on ``[x_t, embed(t)]``."""
+
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 3, emb_dim: int = 64) -> None:
+        super().__init__()
+        self.emb_dim = emb_dim
+        self.embed = mlp([emb_dim, hidden, hidden])
+        self.net = mlp([dim + hidden, *[hidden] * depth, dim])
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        emb = self.embed(timestep_embedding(t.reshape(-1).expand(x.shape[0]), self.emb_dim))
+        return self.net(torch.cat([x, emb], dim=-1))
