@@ -5,6 +5,8 @@ the closest valid key."""
 from __future__ import annotations
 
 import difflib
+import numbers
+import re
 import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -18,6 +20,28 @@ from genkit.errors import ConfigError
 T = TypeVar("T")
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
+
+
+def _strict(kind: type, accepts: tuple[type, ...], convert: bool = False):
+    """A structure hook taking only ``accepts`` (never ``bool`` for numbers) instead of
+    cattrs' ``kind(value)``, which turns ``3.7`` into ``3``, ``True`` into ``1`` and ``5``
+    into ``'5'``. An ``int`` field takes a float only when it is whole (TOML's ``1e4``)."""
+
+    def hook(value: Any, _type: type) -> Any:
+        ok = isinstance(value, accepts) and (kind is bool or not isinstance(value, bool))
+        if kind is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not ok or (kind is int and isinstance(value, float)):
+            raise TypeError(f"expected {kind.__name__}, got {value!r}")
+        return kind(value) if convert else value
+
+    return hook
+
+
+_converter.register_structure_hook(int, _strict(int, (numbers.Integral, float), convert=True))
+_converter.register_structure_hook(float, _strict(float, (numbers.Real,), convert=True))
+_converter.register_structure_hook(str, _strict(str, (str,)))
+_converter.register_structure_hook(bool, _strict(bool, (bool,)))
 
 
 def did_you_mean(name: str, valid: typing.Iterable[str]) -> str:
@@ -52,11 +76,26 @@ def structure(cls: type[T], data: Mapping[str, Any], *, where: str) -> T:
     try:
         return _converter.structure(dict(data), cls)
     except (ClassValidationError, ForbiddenExtraKeysError) as exc:
-        leaf = _first_leaf(exc)
-        note = next(iter(getattr(leaf, "__notes__", []) or []), "")
-        raise ConfigError(f"{where}: {note + ': ' if note else ''}{leaf}") from None
+        raise ConfigError(f"{where}: {_message(_first_leaf(exc))}") from None
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"{where}: {_message(exc)}") from None
+
+
+def _message(exc: BaseException) -> str:
+    """One line for a failed structure: the key, what it needs and what it got."""
+    args = exc.args
+    if len(args) == 4 and isinstance(args[1], attrs.Attribute):  # attrs' in_ validator
+        name, options, value = args[1].name, [str(o) for o in args[2]], args[3]
+        return (
+            f"'{name}' must be one of {', '.join(options)}, got {value!r}"
+            f"{did_you_mean(str(value), options)}"
+        )
+    text = args[0] if args and isinstance(args[0], str) else str(exc)
+    notes = getattr(exc, "__notes__", None) or []
+    where = re.search(r"@ attribute (\w+)", notes[0]) if notes else None
+    if where is None or text.startswith(f"'{where[1]}'"):
+        return text
+    return f"'{where[1]}': {text}"
 
 
 def unstructure(obj: Any) -> Any:

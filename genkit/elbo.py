@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, ClassVar
@@ -25,6 +26,7 @@ from torch import Tensor
 from torch.distributions import kl_divergence
 
 from genkit.errors import IncompatibleEstimatorError, InvalidParameterError
+from genkit.model import check_count
 
 if TYPE_CHECKING:
     from genkit.model import LatentVariableModel
@@ -48,7 +50,7 @@ class ELBOTerms:
     """
 
     terms: Mapping[str, Tensor] = attrs.field(converter=_frozen_mapping)
-    num_dims: int
+    num_dims: int = attrs.field()
     extras: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
 
     @terms.validator
@@ -59,6 +61,14 @@ class ELBOTerms:
         if any(len(s) != 1 for s in shapes.values()) or len(set(shapes.values())) != 1:
             raise InvalidParameterError(
                 f"every ELBO term must have the same shape (batch,); got {shapes}"
+            )
+
+    @num_dims.validator
+    def _check_num_dims(self, _attribute: attrs.Attribute, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise InvalidParameterError(
+                f"ELBOTerms needs num_dims, the number of data dimensions D, as an int >= 1; "
+                f"got {value!r}"
             )
 
     @extras.validator
@@ -140,12 +150,6 @@ def _single_latent_parts(model: LatentVariableModel, estimator: str):
     return model.encoder, model.decoder, model.prior
 
 
-def _check_count(name: str, value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidParameterError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
 def reconstruction(decoder, x: Tensor, z: Tensor) -> Tensor:
     """``E_{q(z|x)}[log p(x|z)] ~= (1/S) sum_s log p(x | z_s)`` with ``z: (S, B, ...)`` from q.
 
@@ -179,7 +183,7 @@ class StandardELBO(ELBO):
     name = "elbo"
 
     def __init__(self, samples: int = 1) -> None:
-        self.samples = _check_count("samples", samples)
+        self.samples = check_count("samples", samples)
 
     def __call__(self, model: LatentVariableModel, x: Tensor) -> ELBOTerms:
         encoder, decoder, prior = _single_latent_parts(model, self.name)
@@ -204,7 +208,7 @@ class IWAE(ELBO):
     name = "iwae"
 
     def __init__(self, k: int = 16) -> None:
-        self.k = _check_count("k", k)
+        self.k = check_count("k", k)
 
     def __call__(self, model: LatentVariableModel, x: Tensor) -> ELBOTerms:
         encoder, decoder, prior = _single_latent_parts(model, self.name)

@@ -45,7 +45,13 @@ def num_params(kind: str) -> int:
 
 def likelihood(kind: str, params: Tensor, event_dims: int) -> Distribution:
     """``p(x | .)`` from ``params: (B, P*C, ...)``, split into ``P = num_params(kind)`` along
-    dim 1; the last ``event_dims`` dimensions form the event (so ``log_prob`` is ``(B,)``)."""
+    dim 1; the last ``event_dims`` dimensions form the event (so ``log_prob`` is ``(B,)``).
+
+    Half-precision ``params`` (a network run under bf16 autocast) are taken to float32 first:
+    bf16 cannot hold the 256 bin centres apart (its spacing near 1 is one bin), so the mass
+    function, its samples and its mode are computed in float32 at least."""
+    if params.dtype in (torch.float16, torch.bfloat16):
+        params = params.float()
     if kind == "bernoulli":
         return Independent(SignedBernoulli(logits=params), event_dims)
     loc, log_scale = torch.chunk(params, 2, dim=1)

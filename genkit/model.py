@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -89,6 +90,12 @@ class LatentVariableModel(nn.Module, abc.ABC):
         from genkit.errors import InvalidParameterError
         from genkit.registry import create_estimator
 
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            got = f"{x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
+            raise InvalidParameterError(
+                f"elbo() needs a float tensor x on the model scale (8-bit pixels k as "
+                f"x = k / 127.5 - 1, see genkit.distributions.to_model_scale), got a {got}"
+            )
         if tuple(x.shape[1:]) != self.data_shape:
             raise InvalidParameterError(
                 f"elbo() needs x of shape (B, {', '.join(map(str, self.data_shape))}) for "
@@ -106,7 +113,8 @@ class LatentVariableModel(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` draws from the model, shape ``(n, *data_shape)``, on the data scale."""
+        """``n`` draws from the model, shape ``(n, *data_shape)``, on the data scale.
+        Implementations check ``n`` with :func:`check_count`."""
 
     @property
     def device(self) -> torch.device:
@@ -115,3 +123,13 @@ class LatentVariableModel(nn.Module, abc.ABC):
         for t in self.buffers():
             return t.device
         return torch.device("cpu")
+
+
+def check_count(name: str, value: Any) -> int:
+    """``value`` if it is an integer >= 1 (a number of samples, draws, ...), else one
+    :class:`~genkit.errors.InvalidParameterError` line naming ``name``."""
+    from genkit.errors import InvalidParameterError
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InvalidParameterError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata as md
 import inspect
+import numbers
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -87,8 +88,8 @@ class Catalog:
         self.entries: dict[str, dict[str, Registration]] = {k: {} for k in KINDS}
 
     # -- loading -------------------------------------------------------------------------
-    def fail(self, plugin: str, reason: str) -> None:
-        package = self.sources.get(plugin, ("?", "?"))[0]
+    def fail(self, plugin: str, reason: str, package: str | None = None) -> None:
+        package = package or self.sources.get(plugin, ("?", "?"))[0]
         self.failures.append(PluginFailure(plugin, package, reason))
 
     def _register_fn(self, kind: str, plugin: str) -> Callable[..., None]:
@@ -224,8 +225,16 @@ def make_plugin_manager(
             if wanted is not None and ep.name not in wanted:
                 continue
             package, ep_version = _dist_of(ep)
-            if pm.has_plugin(ep.name) or ep.name in sources:
-                continue  # the same distribution seen twice on sys.path
+            if ep.name in sources:  # two packages chose one entry-point name: keep the first
+                first = sources[ep.name][0]
+                if first != package:
+                    catalog.fail(
+                        ep.name,
+                        f"entry point '{ep.name} = {ep.value}' not loaded: package {first} "
+                        f"already uses the name '{ep.name}'; rename one of them",
+                        package=package,
+                    )
+                continue
             sources[ep.name] = (package, ep_version)
             try:
                 obj = ep.load()
@@ -278,12 +287,21 @@ def create_model(name: str, data_shape: tuple[int, ...], **params: Any):
     Raises :class:`~genkit.errors.UnknownModelError` (listing the names that exist) or
     :class:`~genkit.errors.InvalidParameterError` (naming the bad parameter and the valid ones).
     """
-    shape = tuple(data_shape)
-    if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+    return get_catalog().build("models", name, _data_shape(data_shape), **params)
+
+
+def _data_shape(data_shape: Any) -> tuple[int, ...]:
+    """``data_shape`` as a tuple of positive ints (numpy ints and ``torch.Size`` welcome), or
+    one :class:`~genkit.errors.InvalidParameterError` line."""
+    dims = tuple(data_shape) if isinstance(data_shape, Iterable) else ()
+    if not dims or not all(
+        isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in dims
+    ):
         raise InvalidParameterError(
-            f"data_shape must be a tuple of positive ints, got {data_shape!r}"
+            f"data_shape must be a tuple of positive ints such as (1, 28, 28) or (D,), "
+            f"got {data_shape!r}"
         )
-    return get_catalog().build("models", name, shape, **params)
+    return tuple(int(d) for d in dims)
 
 
 def available_estimators() -> list[str]:

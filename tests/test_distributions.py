@@ -130,3 +130,98 @@ def test_generator_sampling_is_reproducible():
     a = sample(d, (4,), torch.Generator().manual_seed(7))
     b = sample(d, (4,), torch.Generator().manual_seed(7))
     assert torch.equal(a, b) and a.shape == (4, 3)
+
+
+def _log_prob_reference(x, loc, log_scale):
+    """log P(bin) in float64 by torch's own log_ndtr, for bins that lie wholly below ``loc``:
+    the left edge bin ``log Phi(u)``, an interior bin ``log(Phi(u) - Phi(l))`` in log space."""
+    s = log_scale.exp()
+    u, l = (x + 1 / 255 - loc) / s, (x - 1 / 255 - loc) / s
+    log_u, log_l = torch.special.log_ndtr(u), torch.special.log_ndtr(l)
+    interior = log_u + torch.log(-torch.expm1(log_l - log_u))
+    return torch.where(x < -1 + 1e-6, log_u, interior)
+
+
+def test_float32_gradients_are_right_far_in_the_tails():
+    # a sharp decoder (scale e^-7) whose mean misses a pixel by 0.3 to 30 sits 300 to 3e4
+    # scales away; torch's float32 log_ndtr backward is 4% off at 1e3 and 6x off at 1e4
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    x = BINS[torch.randint(0, 255, (n,), generator=g)]  # left edge and interior bins
+    log_scale = -7 + 5 * torch.rand(n, generator=g, dtype=torch.float64)
+    dist = torch.exp(math.log(30) + math.log(1e3) * torch.rand(n, generator=g, dtype=torch.float64))
+    loc = x + 1 / 255 + dist * log_scale.exp()  # every bin lies below loc, 30 to 3e4 scales off
+    ref_loc, ref_ls = loc.clone().requires_grad_(), log_scale.clone().requires_grad_()
+    want = torch.autograd.grad(_log_prob_reference(x, ref_loc, ref_ls).sum(), [ref_loc, ref_ls])
+    loc32, ls32 = loc.float().requires_grad_(), log_scale.float().requires_grad_()
+    got = torch.autograd.grad(
+        discretized_gaussian_log_prob(x.float(), loc32, ls32).sum(), [loc32, ls32]
+    )
+    for g32, g64 in zip(got, want, strict=True):
+        torch.testing.assert_close(g32.double(), g64, rtol=1e-3, atol=1e-3)
+
+
+def test_gradients_stay_finite_for_any_mean():
+    loc = torch.tensor([-1e4, -50.0, -1.0, 0.0, 1.0, 50.0, 1e4]).repeat_interleave(256)
+    loc.requires_grad_(True)
+    log_scale = torch.full_like(loc, -7.0, requires_grad=True)
+    lp = discretized_gaussian_log_prob(BINS.float().repeat(7), loc, log_scale)
+    lp.sum().backward()
+    assert torch.isfinite(lp).all()
+    assert torch.isfinite(loc.grad).all() and torch.isfinite(log_scale.grad).all()
+
+
+def test_enumerate_support_carries_all_the_mass_in_float32():
+    loc = torch.tensor([[-1.3, -0.2, 0.0], [0.5, 0.999, 4.0]])
+    scale = torch.tensor([[0.01, 1e-3, 30.0], [0.3, 2e-4, 1.0]])
+    d = DiscretizedGaussian(loc, scale)
+    bins = d.enumerate_support()
+    assert bins.shape == (256, 2, 3)
+    torch.testing.assert_close(bins[:, 1, 2], BINS.float(), atol=1e-6, rtol=0)
+    assert d.enumerate_support(expand=False).shape == (256, 1, 1)
+    torch.testing.assert_close(d.log_prob(bins).exp().sum(0), torch.ones(2, 3), atol=1e-5, rtol=0)
+
+
+def test_mode_is_the_most_probable_bin():
+    # near an edge with a wide scale the open edge bin outweighs the bin holding loc
+    loc = torch.tensor([1 - 1.2 / 255, -1 + 1.2 / 255, 0.3, -0.55, 1.7, -4.0, 0.998])
+    scale = torch.tensor([0.5, 0.5, 0.01, 3.0, 0.2, 1.0, 1e-3], dtype=torch.float32)
+    d = DiscretizedGaussian(loc, scale)
+    bins = d.enumerate_support()
+    brute = bins.gather(0, d.log_prob(bins).argmax(0, keepdim=True)).squeeze(0)
+    torch.testing.assert_close(d.mode, brute, atol=1e-6, rtol=0)
+    assert d.mode[0] == 1.0 and quantize(loc)[0] != 1.0  # the case a nearest-bin mode gets wrong
+
+
+def test_signed_bernoulli_moments_and_support():
+    logits = torch.tensor([-2.0, 0.3, 1.5])
+    d = SignedBernoulli(logits=logits)
+    values = d.enumerate_support()
+    assert values[:, 0].tolist() == [-1.0, 1.0]
+    p = d.log_prob(values).exp()
+    torch.testing.assert_close(p.sum(0), torch.ones(3))
+    mean = (values * p).sum(0)
+    torch.testing.assert_close(d.mean, mean)
+    torch.testing.assert_close(d.variance, ((values - mean) ** 2 * p).sum(0))
+
+
+@pytest.mark.parametrize("bad", [-3.0, 0.0, 0.5])
+def test_signed_bernoulli_rejects_values_other_than_plus_minus_one(bad):
+    d = SignedBernoulli(logits=torch.zeros(3), validate_args=True)
+    with pytest.raises(
+        InvalidParameterError, match=r"needs binarized data in \{-1, \+1\}.*1 value\(s\)"
+    ):
+        d.log_prob(torch.tensor([1.0, bad, -1.0]))
+
+
+def test_likelihoods_from_bf16_network_outputs_work_in_float32():
+    from genkit.likelihoods import likelihood
+
+    params = torch.randn(2, 2, 4, 4, dtype=torch.bfloat16)
+    dist = likelihood("discretized_gaussian", params, 3)
+    assert dist.base_dist.loc.dtype == torch.float32
+    k = torch.randint(0, 256, (2, 1, 4, 4))
+    # every draw and the mode land exactly on the 8-bit grid (bf16 would round 0.302 off it)
+    for values in (dist.sample(), dist.base_dist.mode, to_model_scale(k)):
+        assert values.dtype == torch.float32 and dist.base_dist.support.check(values).all()
+    assert dist.log_prob(to_model_scale(k)).dtype == torch.float32

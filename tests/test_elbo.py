@@ -60,3 +60,9 @@ def test_estimators_are_registered_and_validate_their_parameters():
         create_estimator("iwae", k=0)
     with pytest.raises(InvalidParameterError, match="valid parameters: k"):
         create_estimator("iwae", kk=3)
+
+
+@pytest.mark.parametrize("num_dims", [0, -3, 2.0, True])
+def test_num_dims_must_be_a_positive_int(num_dims):
+    with pytest.raises(InvalidParameterError, match="num_dims"):
+        ELBOTerms(terms={"a": torch.zeros(2)}, num_dims=num_dims)

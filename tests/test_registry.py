@@ -181,3 +181,38 @@ def test_every_hookspec_is_documented():
     assert len(hooks) >= 8
     missing = [h for h in hooks if f"`{h}" not in doc]
     assert not missing, f"hooks not documented in docs/plugins.md: {missing}"
+
+
+def test_an_entry_point_name_taken_by_another_package_is_reported(site):
+    install_fake_distribution(
+        site,
+        "genkit-other",
+        {"thirdparty_other": GOOD_PLUGIN},
+        {"vae": "thirdparty_other"},  # the built-in VAE plugin's entry-point name
+    )
+    catalog = make_plugin_manager()
+    # the first on sys.path wins, as for imports (here the test's site, prepended); the other
+    # is reported naming both packages instead of vanishing
+    reasons = [str(f) for f in catalog.failures if f.plugin == "vae"]
+    assert len(reasons) == 1
+    loaded = catalog.sources["vae"][0]
+    skipped = ({"genkit", "genkit-other"} - {loaded}).pop()
+    assert f"plugin 'vae' (package {skipped})" in reasons[0]
+    assert f"package {loaded} already uses the name 'vae'" in reasons[0]
+    models = set(catalog.names("models"))
+    assert ("tiny-vae" in models) == (loaded == "genkit-other")
+    assert ("vae" in models) == (loaded == "genkit")
+
+
+@pytest.mark.parametrize("shape", [5, (True, 8), (1, 8, 8.0), (), "abc", None])
+def test_bad_data_shape_is_one_clear_error(shape):
+    with pytest.raises(genkit.InvalidParameterError, match=r"data_shape must be a tuple"):
+        genkit.create_model("vae", shape)
+
+
+def test_data_shape_accepts_numpy_ints_and_torch_size():
+    import numpy as np
+
+    model = genkit.create_model("vae", (np.int64(1), np.int32(8), 8), latent_dim=2, hidden=8)
+    assert model.data_shape == (1, 8, 8) and all(type(d) is int for d in model.data_shape)
+    assert genkit.create_model("vae", torch.Size([6]), latent_dim=2).data_shape == (6,)

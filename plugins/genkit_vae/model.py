@@ -18,7 +18,13 @@ from genkit import likelihoods
 from genkit.distributions import diagonal_normal, sample
 from genkit.elbo import StandardELBO
 from genkit.errors import InvalidParameterError
-from genkit.model import Decoder, Encoder, LatentVariableModel, StandardNormalPrior
+from genkit.model import (
+    Decoder,
+    Encoder,
+    LatentVariableModel,
+    StandardNormalPrior,
+    check_count,
+)
 from genkit.nets import ConvDecoderTrunk, ConvEncoderTrunk, mlp
 
 
@@ -120,5 +126,5 @@ class VAE(LatentVariableModel):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``z ~ p(z)``, then ``x ~ p(x|z)``: ``(n, *data_shape)`` on the data scale."""
-        z = sample(self.prior(), (n,), generator)
+        z = sample(self.prior(), (check_count("n", n),), generator)
         return sample(self.decoder(z), (), generator)

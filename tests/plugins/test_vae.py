@@ -46,17 +46,52 @@ def test_reconstruction_is_the_monte_carlo_average_of_decoder_log_probs(samples)
     torch.testing.assert_close(got, direct)
 
 
-def test_iwae_is_above_the_elbo_and_grows_with_k():
-    model, x = _vae(), _images(n=4)
-    torch.manual_seed(0)
+def _sharp_vector_vae(seed: int = 0):
+    """A VAE on (4,) data with one latent whose decoder is sharp (scale e^-1, mean 3x as
+    sensitive to z as at initialisation): the untrained q(z|x) then misses the narrow true
+    posterior, so the ELBO sits nats below log p(x) and IWAE_k closes the gap visibly."""
+    torch.manual_seed(seed)
+    model = genkit.create_model("vae", (4,), latent_dim=1, hidden=16, depth=1)
     with torch.no_grad():
+        head = model.decoder.net[-1]  # rows 0..3: mean, rows 4..7: log-scale
+        head.weight[:4].mul_(3.0)
+        head.weight[4:].zero_()
+        head.bias[4:].fill_(-1.0)
+    return model
+
+
+def _mean_and_stderr(values):
+    """Mean over ``(reps, B)`` draws and its standard error (independent reps and samples)."""
+    reps, b = values.shape
+    return values.mean().item(), (values.var(0) / reps).mean().sqrt().item() / math.sqrt(b)
+
+
+def test_iwae_is_above_the_elbo_and_grows_with_k():
+    # one latent, so log p(x) = log int p(x|z) p(z) dz and the exact ELBO are brute-force
+    # sums on a grid of z: ELBO <= L_5 <= L_50 <= log p(x), L_k -> log p(x) (Burda et al. Thm 1)
+    model = _sharp_vector_vae()
+    with torch.no_grad():
+        x = model.decoder(torch.randn(4, 1)).sample()
+        z = torch.linspace(-10, 10, 20001).unsqueeze(1)
+        dz = 20 / 20000
+        log_joint = model.decoder(z).log_prob(x.unsqueeze(1)) - 0.5 * (
+            z.T**2 + math.log(2 * math.pi)
+        )  # (B, grid): log p(x|z) + log N(z; 0, 1)
+        log_px = (torch.logsumexp(log_joint, 1) + math.log(dz)).mean().item()
+        log_q = model.encoder(x).log_prob(z.unsqueeze(1)).T  # (B, grid)
+        elbo_exact = (log_q.exp() * (log_joint - log_q)).sum(1).mul(dz).mean().item()
         reps = 200
-        xs = x.repeat(reps, 1, 1, 1)
-        elbo = model.elbo(xs).total.mean()
-        bounds = {k: model.elbo(xs, "iwae", k=k).total.mean() for k in (1, 5, 50)}
-    # L_1 is the ELBO (same expectation); L_k increases with k (Burda et al. 2016, Thm 1)
-    assert abs(bounds[1] - elbo) < 0.05 * abs(elbo)
-    assert elbo < bounds[5] < bounds[50]
+        xs = x.repeat(reps, 1)
+        elbo, se_e = _mean_and_stderr(model.elbo(xs).total.view(reps, 4))
+        l5, se5 = _mean_and_stderr(model.elbo(xs, "iwae", k=5).total.view(reps, 4))
+        l50, se50 = _mean_and_stderr(model.elbo(xs, "iwae", k=50).total.view(reps, 4))
+        l2k, se2k = _mean_and_stderr(model.elbo(x.repeat(10, 1), "iwae", k=2000).total.view(10, 4))
+    assert log_px - elbo_exact > 3.0  # the setting makes the gap wide
+    assert abs(elbo - elbo_exact) < 4 * se_e
+    assert elbo + 3 * math.hypot(se_e, se5) < l5
+    assert l5 + 3 * math.hypot(se5, se50) < l50
+    assert l50 < log_px + 3 * se50
+    assert abs(l2k - log_px) < max(0.1, 4 * se2k)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -121,3 +156,21 @@ def test_a_few_optimisation_steps_raise_the_elbo():
     with torch.no_grad():
         after = model.elbo(x.repeat(8, 1, 1, 1)).total.mean()
     assert after > before + 5  # nats per image; Monte-Carlo noise of these means is < 1
+
+
+def test_bernoulli_likelihood_refuses_data_that_is_not_binarized():
+    model, x = _vae(likelihood="bernoulli"), _images()
+    with pytest.raises(genkit.InvalidParameterError, match=r"needs binarized data in \{-1, \+1\}"):
+        model.elbo(x)  # 8-bit grey levels: the Bernoulli "likelihood" would bound nothing
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.5, True])
+def test_sample_count_must_be_a_positive_int(n):
+    with pytest.raises(genkit.InvalidParameterError, match=r"n must be an integer >= 1"):
+        _vae().sample(n)
+
+
+def test_elbo_of_uint8_pixels_says_to_map_them_to_the_model_scale():
+    pixels = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    with pytest.raises(genkit.InvalidParameterError, match=r"x = k / 127\.5 - 1.*torch\.uint8"):
+        _vae().elbo(pixels)
