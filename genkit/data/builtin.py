@@ -102,11 +102,17 @@ def builtin_arrays(name: str) -> DatasetArrays:
 
 
 def _cached_ok(path: Path) -> bool:
-    from genkit.data.reader import open_h5
+    """Whether the cached file opens, has this layout version and whole split groups."""
+    from genkit.data.reader import corrupt_file_errors, describe_split, open_h5, split_names
 
     try:
-        with open_h5(path) as f:
-            return int(f.attrs.get("layout_version", -1)) == LAYOUT_VERSION
+        with corrupt_file_errors(path), open_h5(path) as f:
+            if int(f.attrs.get("layout_version", -1)) != LAYOUT_VERSION:
+                return False
+            splits = split_names(f)
+            for split in splits:
+                describe_split(f, split, path)
+            return bool(splits)
     except DataError:
         return False
 

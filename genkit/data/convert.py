@@ -24,17 +24,18 @@ chunk-wise shuffling mixes classes) unless ``keep_order``.
 from __future__ import annotations
 
 import gzip
+import importlib
 import io
 import json
 import pickle
 import re
 import struct
 import tarfile
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from genkit.data.errors import (
@@ -48,12 +49,17 @@ from genkit.data.layout import (
     DatasetArrays,
     SplitArrays,
     check_output,
-    ordered_splits,
     validate_split,
     write_h5,
 )
-from genkit.data.reader import describe_split, open_h5, plain_value
-from genkit.errors import DataError, InvalidParameterError
+from genkit.data.reader import (
+    corrupt_file_errors,
+    describe_split,
+    open_h5,
+    plain_value,
+    split_names,
+)
+from genkit.errors import InvalidParameterError
 
 LAYOUTS = ("auto", "nhwc", "nchw")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -73,7 +79,8 @@ def _read_bytes(path: Path) -> bytes:
                 return fh.read()
         return path.read_bytes()
     except (OSError, EOFError, zlib.error) as exc:
-        raise SourceFormatError(f"'{path}' cannot be read as gzip: {exc}") from None
+        how = " as gzip" if path.name.endswith(".gz") else ""
+        raise SourceFormatError(f"'{path}' cannot be read{how}: {exc}") from None
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -186,8 +193,13 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         if (module, name) not in _PICKLE_ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         if module.startswith("numpy.core"):
-            module = module.replace("numpy.core", "numpy._core", 1)
-        return getattr(__import__(module, fromlist=[name]), name)
+            # CIFAR-10's batches name numpy.core (numpy 1); numpy 2 moved it to numpy._core
+            # and deprecated the old name; numpy < 1.26 has only the old one.
+            try:
+                return getattr(importlib.import_module(module.replace("core", "_core", 1)), name)
+            except ImportError:
+                pass
+        return getattr(importlib.import_module(module), name)
 
 
 def _load_batch(blob: bytes, where: str) -> dict:
@@ -211,6 +223,10 @@ def _cifar_split(batches: list[tuple[str, dict]]) -> SplitArrays:
         y = np.asarray(batch.get("labels", batch.get("fine_labels")))
         if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or x.dtype != np.uint8:
             raise LayoutError(f"'{where}': data must be uint8 (N, 3072), got {x.dtype} {x.shape}")
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise LayoutError(
+                f"'{where}': labels must be a list of integers, got {y.dtype} {y.shape}"
+            )
         if len(y) != len(x):
             raise LayoutError(f"'{where}': {len(y)} labels for {len(x)} images")
         images.append(x.reshape(-1, 3, 32, 32))
@@ -324,7 +340,7 @@ def from_numpy(source: Path, layout: str) -> tuple[dict[str, SplitArrays], dict[
     attrs = {"source": f"numpy:{source.resolve()}"}
     try:
         loaded = np.load(source, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zlib.error) as exc:
+    except (ValueError, OSError, EOFError, zlib.error, zipfile.BadZipFile) as exc:
         raise SourceFormatError(f"'{source}' cannot be read by numpy.load: {exc}") from None
     if isinstance(loaded, np.ndarray):
         return {"train": to_split(loaded, None, layout, str(source))}, attrs
@@ -350,7 +366,7 @@ def from_numpy(source: Path, layout: str) -> tuple[dict[str, SplitArrays], dict[
                 splits["train"] = to_split(
                     npz[key], npz[lkey] if lkey else None, layout, f"{source}:{key}"
                 )
-        except (ValueError, OSError, EOFError, zlib.error) as exc:
+        except (ValueError, OSError, EOFError, zlib.error, zipfile.BadZipFile) as exc:
             raise SourceFormatError(f"'{source}' cannot be read by numpy.load: {exc}") from None
     return splits, attrs
 
@@ -560,12 +576,8 @@ def convert(
 
 def describe(path: str | Path) -> str:
     """A human-readable summary: splits, shapes, dtypes, value ranges, labels, attributes."""
-    try:
+    with corrupt_file_errors(path):
         return _describe(path)
-    except DataError:
-        raise
-    except OSError as exc:
-        raise CorruptFileError(f"'{path}' is truncated or corrupt: {exc}") from None
 
 
 def _describe(path: str | Path) -> str:
@@ -573,12 +585,12 @@ def _describe(path: str | Path) -> str:
     with open_h5(path) as f:
         lines.append("attributes:")
         for key in sorted(f.attrs):
-            lines.append(f"  {key}: {json.dumps(plain_value(f.attrs[key]))}")
-        splits = ordered_splits(k for k in f if isinstance(f[k], h5py.Group))
+            lines.append(f"  {key}: {json.dumps(plain_value(f.attrs[key]), default=str)}")
+        splits = split_names(f)
         if not splits:
             raise MissingSplitError(
                 f"'{path}' holds no split groups (expected 'train', 'test'); top level: "
-                f"{', '.join(f) or 'nothing'}"
+                f"{', '.join(map(str, f)) or 'nothing'}"
             )
         for split in splits:
             values, labels = describe_split(f, split, path)

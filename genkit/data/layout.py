@@ -142,13 +142,19 @@ def check_output(out: Path, force: bool = False) -> Path:
 
 
 def _attr_value(value: Any) -> Any:
+    """An HDF5 attribute value: numbers and strings as they are, lists or arrays of numbers as
+    arrays, lists of strings as string arrays, anything else as its JSON text."""
     if isinstance(value, str | int | float | np.integer | np.floating):
         return value
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "biuf":
+            return value
+        value = value.tolist()
     if isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value):
         return np.asarray(value)
-    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+    if isinstance(value, list | tuple) and value and all(isinstance(v, str) for v in value):
         return np.asarray(value, dtype=h5py.string_dtype())
-    return json.dumps(value)
+    return json.dumps(value, default=str)
 
 
 def write_h5(

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,32 @@ from genkit.data.errors import (
     NotHDF5Error,
 )
 from genkit.data.layout import CHUNK_BYTES, DATA, IMAGES, LABELS, ordered_splits
+from genkit.errors import DataError
 
 #: Splits smaller than this are read into memory when ``in_memory=None``.
 IN_MEMORY_BYTES = 256 * 2**20
 #: Default bound on the decoded chunks a streaming reader keeps (per process).
 CACHE_BYTES = 64 * 2**20
+#: What h5py raises when an open file's metadata or chunks are damaged (a corrupt B-tree is a
+#: RuntimeError, a corrupt object header a KeyError, a bad dataspace a ValueError).
+H5_READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc.args[0]) if exc.args else ""
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextmanager
+def corrupt_file_errors(path: str | Path) -> Iterator[None]:
+    """Turn what h5py raises for a damaged file into one :class:`CorruptFileError`; genkit's
+    own :class:`DataError` (a missing split, a wrong dtype, ...) passes through unchanged."""
+    try:
+        yield
+    except DataError:
+        raise
+    except H5_READ_ERRORS as exc:
+        raise CorruptFileError(f"'{path}' is truncated or corrupt: {_reason(exc)}") from None
 
 
 def open_h5(path: str | Path) -> h5py.File:
@@ -46,33 +68,52 @@ def open_h5(path: str | Path) -> h5py.File:
         raise DataFileNotFoundError(f"data file '{path}' does not exist")
     if path.is_dir():
         raise NotHDF5Error(f"'{path}' is a folder, not an HDF5 file")
-    try:
+    with corrupt_file_errors(path):
         if not h5py.is_hdf5(path):
             raise NotHDF5Error(f"'{path}' is not an HDF5 file (no HDF5 signature)")
         return h5py.File(path, "r", rdcc_nbytes=CHUNK_BYTES)
-    except OSError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CorruptFileError(f"'{path}' is truncated or corrupt: {reason}") from None
+
+
+def _text(name: str | bytes) -> str:
+    """An HDF5 member name as text (h5py gives bytes for a name that is not UTF-8)."""
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+
+
+def split_names(f: h5py.File) -> list[str]:
+    """The split groups at the top level of ``f``: ``train``, ``test``, then the rest."""
+    return ordered_splits(_text(k) for k in f if isinstance(f[k], h5py.Group))
+
+
+def _member(group: h5py.Group, name: str, path: str | Path, split: str) -> h5py.Dataset:
+    """``group[name]``, which the layout requires to be a dataset (not a group or a type)."""
+    obj = group[name]
+    if not isinstance(obj, h5py.Dataset):
+        raise LayoutError(
+            f"'{path}' {split}/{name} must be a dataset, got an HDF5 {type(obj).__name__}"
+        )
+    return obj
 
 
 def describe_split(f: h5py.File, split: str, path: str | Path) -> tuple[h5py.Dataset, Any]:
     """The values dataset and the labels dataset (or None) of ``split``, checked against the
-    layout: present, right rank and dtype, not empty, labels of matching length."""
-    groups = ordered_splits(k for k in f if isinstance(f[k], h5py.Group))
+    layout: present, right rank and dtype, not empty, labels of matching length.
+
+    Call it inside :func:`corrupt_file_errors` (h5py's errors for a damaged file vary)."""
+    groups = split_names(f)
     if split not in groups:
         raise MissingSplitError(
             f"split '{split}' not in '{path}'; splits: {', '.join(groups) or 'none'}"
         )
     group = f[split]
     if IMAGES in group:
-        values = group[IMAGES]
+        values = _member(group, IMAGES, path, split)
         if values.ndim != 4 or values.dtype != np.uint8:
             raise LayoutError(
                 f"'{path}' {split}/images must be uint8 of rank 4 (N, C, H, W), got "
                 f"{values.dtype} {values.shape}"
             )
     elif DATA in group:
-        values = group[DATA]
+        values = _member(group, DATA, path, split)
         if values.ndim != 2 or values.dtype.kind != "f":
             raise LayoutError(
                 f"'{path}' {split}/data must be float of rank 2 (N, D), got "
@@ -81,11 +122,11 @@ def describe_split(f: h5py.File, split: str, path: str | Path) -> tuple[h5py.Dat
     else:
         raise MissingSplitError(
             f"split '{split}' of '{path}' has no 'images' or 'data' dataset; it holds: "
-            f"{', '.join(group) or 'nothing'}"
+            f"{', '.join(_text(k) for k in group) or 'nothing'}"
         )
     if values.shape[0] == 0:
         raise LayoutError(f"split '{split}' of '{path}' is empty (0 examples)")
-    labels = group.get(LABELS)
+    labels = _member(group, LABELS, path, split) if LABELS in group else None
     if labels is not None:
         if labels.ndim != 1 or labels.dtype.kind not in "iu":
             raise LayoutError(
@@ -123,7 +164,7 @@ class H5Dataset(Dataset):
         self.path = Path(path)
         self.split = split
         self.cache_bytes = int(cache_bytes)
-        with open_h5(self.path) as f:
+        with corrupt_file_errors(self.path), open_h5(self.path) as f:
             values, labels = describe_split(f, split, self.path)
             self.kind = "images" if values.name.endswith(IMAGES) else "vectors"
             self.data_shape: tuple[int, ...] = tuple(int(d) for d in values.shape[1:])
@@ -134,16 +175,11 @@ class H5Dataset(Dataset):
             item_bytes = max(1, self.nbytes // self.num_examples)
             stored = values.chunks[0] if values.chunks else max(1, CHUNK_BYTES // item_bytes)
             self.chunk_len = int(min(stored, self.num_examples))
-            self.labels: np.ndarray | None = None
-            try:
-                if labels is not None:
-                    self.labels = labels[()].astype(np.int64)
-                self.in_memory = self.nbytes < IN_MEMORY_BYTES if in_memory is None else in_memory
-                self._array: np.ndarray | None = values[()] if self.in_memory else None
-                if self.kind == "vectors":
-                    self._check_finite(values)
-            except OSError as exc:
-                raise CorruptFileError(f"'{self.path}' is truncated or corrupt: {exc}") from None
+            self.labels = labels[()].astype(np.int64) if labels is not None else None
+            self.in_memory = self.nbytes < IN_MEMORY_BYTES if in_memory is None else in_memory
+            self._array: np.ndarray | None = values[()] if self.in_memory else None
+            if self.kind == "vectors":
+                self._check_finite(values)
         self.chunk_bytes = self.chunk_len * item_bytes
         #: how many decoded chunks fit in the cache (at least one)
         self.cache_chunks = max(1, self.cache_bytes // max(1, self.chunk_bytes))
@@ -169,8 +205,9 @@ class H5Dataset(Dataset):
     def _dataset(self) -> h5py.Dataset:
         if self._pid != os.getpid() or self._values is None:
             # A handle inherited through fork is never used: each process opens its own.
-            self._file = open_h5(self.path)
-            self._values = describe_split(self._file, self.split, self.path)[0]
+            with corrupt_file_errors(self.path):
+                self._file = open_h5(self.path)
+                self._values = describe_split(self._file, self.split, self.path)[0]
             self._pid = os.getpid()
             self._cache = OrderedDict()
         return self._values
@@ -199,10 +236,8 @@ class H5Dataset(Dataset):
             return hit
         start = c * self.chunk_len
         values = self._dataset()
-        try:
+        with corrupt_file_errors(self.path):
             block = values[start : start + self.chunk_len]
-        except OSError as exc:
-            raise CorruptFileError(f"'{self.path}' is truncated or corrupt: {exc}") from None
         self._cache[c] = block
         while len(self._cache) > self.cache_chunks:
             self._cache.popitem(last=False)

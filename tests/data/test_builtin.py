@@ -113,3 +113,13 @@ def test_dataset_arrays_from_a_factory_are_validated(monkeypatch, tmp_path):
     with pytest.raises(LayoutError, match="NaN or infinite"):
         open_dataset("builtin:bad", cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cached_file_with_a_broken_split_is_rebuilt(tmp_path):
+    import h5py
+
+    with h5py.File(tmp_path / "digits.h5", "w") as f:  # right version, wrong contents
+        f.attrs["layout_version"] = 1
+        f.create_group("train/images")
+    assert len(open_dataset("builtin:digits", cache_dir=tmp_path)) == 1438
+    assert [p.name for p in tmp_path.iterdir()] == ["digits.h5"]

@@ -62,3 +62,20 @@ def test_builtin_info_and_list(tmp_path):
         unknown.output.startswith("Error: unknown dataset 'nope'")
         and len(unknown.output.splitlines()) == 1
     )
+
+
+def test_damaged_or_missing_inputs_are_one_line(tmp_path):
+    runner = CliRunner()
+    with h5py.File(tmp_path / "g.h5", "w") as f:
+        f.create_group("train/images")
+    result = runner.invoke(cli, ["data", "info", str(tmp_path / "g.h5")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [
+        f"Error: '{tmp_path / 'g.h5'}' train/images must be a dataset, got an HDF5 Group"
+    ]
+    missing = runner.invoke(cli, ["data", "convert", str(tmp_path / "no"), str(tmp_path / "o.h5")])
+    assert missing.exit_code == 1
+    assert missing.output.strip().splitlines() == [
+        f"Error: source '{tmp_path / 'no'}' does not exist"
+    ]
+    assert not (tmp_path / "o.h5").exists()

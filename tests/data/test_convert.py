@@ -198,3 +198,74 @@ def test_test_fraction_with_a_test_split_is_refused(idx_folder, tmp_path):
 def test_read_source_does_not_write(idx_folder):
     arrays = read_source(idx_folder[0])
     assert set(arrays.splits) == {"train", "test"}
+
+
+def test_attributes_of_every_kind_are_stored(tmp_path):
+    from genkit.data import DatasetArrays, SplitArrays, write_h5
+
+    attrs = {
+        "source": "test",
+        "mean": np.array([0.5, 0.25]),
+        "names": np.array(["a", "b"]),
+        "shape": (1, 2, 2),
+        "meta": {"k": [1, 2]},
+    }
+    x = np.zeros((3, 1, 2, 2), np.uint8)
+    out = write_h5(
+        DatasetArrays(splits={"train": SplitArrays(images=x)}, attrs=attrs), tmp_path / "a.h5"
+    )
+    with h5py.File(out, "r") as f:
+        np.testing.assert_array_equal(f.attrs["mean"], [0.5, 0.25])
+        assert [n.decode() if isinstance(n, bytes) else n for n in f.attrs["names"]] == ["a", "b"]
+        assert list(f.attrs["shape"]) == [1, 2, 2]
+        assert f.attrs["meta"] == '{"k": [1, 2]}'
+
+
+@pytest.mark.parametrize("numpy_has_core_underscore", [True, False])
+def test_cifar_batches_pickled_under_numpy_1(
+    cifar_folder, tmp_path, monkeypatch, numpy_has_core_underscore
+):
+    """The real CIFAR-10 batches name ``numpy.core.multiarray`` (numpy 1, protocol 2); they
+    load under numpy 2 (``numpy._core``) and under a numpy without ``numpy._core``."""
+    import importlib
+    import sys
+    import types
+
+    convert_module = sys.modules["genkit.data.convert"]  # genkit.data.convert is the function
+    for p in cifar_folder.iterdir():
+        blob = p.read_bytes().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        assert b"numpy._core" not in blob
+        p.write_bytes(blob)
+    assert b"numpy.core.multiarray" in (cifar_folder / "data_batch_1").read_bytes()
+    if not numpy_has_core_underscore:
+        real = importlib.import_module
+
+        def old_numpy(name, *args):
+            if name.startswith("numpy._core"):
+                raise ModuleNotFoundError(f"No module named '{name}'")
+            return real(name, *args)
+
+        monkeypatch.setattr(
+            convert_module, "importlib", types.SimpleNamespace(import_module=old_numpy)
+        )
+    out = convert(cifar_folder, tmp_path / "c.h5", keep_order=True)
+    x, y = stored(out, "train")
+    b1 = pickle.loads((cifar_folder / "data_batch_1").read_bytes())
+    np.testing.assert_array_equal(x[:4].reshape(4, -1), b1[b"data"])
+    np.testing.assert_array_equal(y[:4], b1[b"labels"])
+
+
+def test_held_out_split_keeps_each_image_with_its_label(tmp_path):
+    # image i is filled with the value i and labelled i % 7: a wrong pairing shows at once
+    x = np.broadcast_to(np.arange(60, dtype=np.uint8)[:, None, None], (60, 3, 4)).copy()
+    np.savez(tmp_path / "p.npz", images=x, labels=np.arange(60) % 7)
+    out = convert(tmp_path / "p.npz", tmp_path / "p.h5", test_fraction=0.25, seed=5)
+    seen = []
+    for split, size in (("train", 45), ("test", 15)):
+        xs, ys = stored(out, split)
+        assert xs.shape == (size, 1, 3, 4)
+        ids = xs[:, 0, 0, 0].astype(int)
+        assert (xs == ids[:, None, None, None]).all()
+        np.testing.assert_array_equal(ys, ids % 7)
+        seen += ids.tolist()
+    assert sorted(seen) == list(range(60))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -263,3 +264,133 @@ def test_every_error_is_a_data_error():
         SourceFormatError,
     ):
         assert issubclass(cls, DataError)
+
+
+def corruptions(blob: bytes, count: int, seed: int):
+    """``count`` damaged copies of ``blob``: cut at a random length, or a random run of 1, 8
+    or 64 bytes overwritten with random values (both seeded)."""
+    rng = np.random.default_rng(seed)
+    for trial in range(count):
+        if trial % 2 == 0:
+            yield blob[: int(rng.integers(len(blob)))]
+        else:
+            damaged = bytearray(blob)
+            start, size = int(rng.integers(len(blob))), int(rng.choice([1, 8, 64]))
+            run = damaged[start : start + size]
+            damaged[start : start + len(run)] = rng.integers(0, 256, len(run), np.uint8).tobytes()
+            yield bytes(damaged)
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_any_damage_is_a_data_error(tmp_path, helpers, compression):
+    """Wherever a file is damaged (superblock, B-trees, object headers, heaps, chunks), opening,
+    reading and describing it either work or raise a DataError; never h5py's RuntimeError,
+    KeyError, ValueError or an AttributeError."""
+    path = helpers.write_h5_images(
+        tmp_path / "x.h5", n=120, shape=(1, 4, 4), chunk_len=20, compression=compression
+    )
+    blob, damaged = path.read_bytes(), tmp_path / "damaged.h5"
+    for data in corruptions(blob, 150, seed=1):
+        damaged.write_bytes(data)
+        for read in (
+            lambda: open_dataset(damaged, in_memory=True),
+            lambda: open_dataset(damaged, "test", in_memory=False).__getitems__(range(5)),
+            lambda: describe(damaged),
+        ):
+            with contextlib.suppress(DataError):
+                read()
+
+
+def test_a_group_or_type_where_a_dataset_belongs(tmp_path):
+    with h5py.File(tmp_path / "g.h5", "w") as f:
+        f.create_group("train/images")
+    with pytest.raises(LayoutError, match="train/images must be a dataset, got an HDF5 Group"):
+        open_dataset(tmp_path / "g.h5")
+    with h5py.File(tmp_path / "t.h5", "w") as f:
+        f["train/data"] = np.zeros((3, 2), np.float32)
+        f["train/labels"] = np.dtype("int64")  # a named (committed) type, not a dataset
+    with pytest.raises(LayoutError, match="train/labels must be a dataset, got an HDF5 Datatype"):
+        describe(tmp_path / "t.h5")
+
+
+def test_member_names_that_are_not_utf8_are_listed(tmp_path):
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f.create_group("train").create_dataset(b"pix\xffels", data=np.zeros(3))
+    with pytest.raises(MissingSplitError, match="it holds: pix\ufffdels"):
+        describe(tmp_path / "x.h5")
+
+
+def test_a_write_that_fails_midway_leaves_nothing_and_keeps_the_old_output(
+    tmp_path, idx_folder, monkeypatch
+):
+    out = tmp_path / "m.h5"
+    out.write_text("the previous output")
+    real = h5py.Group.create_dataset
+    calls = []
+
+    def disk_full(self, *args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 3:  # train/images and train/labels are written, test/images fails
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", disk_full)
+    with pytest.raises(OutputError, match=r"cannot write '.*m\.h5': .*No space left on device"):
+        convert(idx_folder[0], out, force=True)
+    assert len(calls) == 3
+    assert out.read_text() == "the previous output"  # not replaced by a partial file
+    assert only_file(tmp_path) == ["m.h5", "mnist"]  # and no temporary left behind
+
+
+def test_converter_refuses_float_images_and_empty_splits(tmp_path):
+    np.save(tmp_path / "f.npy", np.zeros((4, 3, 5, 5), np.float32))
+    with pytest.raises(LayoutError, match=r"images must be uint8 \(0\.\.255\), got float32"):
+        convert(tmp_path / "f.npy", tmp_path / "o.h5")
+    np.save(tmp_path / "w.npy", np.full((4, 5, 5), 300, np.int32))
+    with pytest.raises(LayoutError, match=r"images must be uint8 .* got int32"):
+        convert(tmp_path / "w.npy", tmp_path / "o.h5")
+    np.savez(
+        tmp_path / "e.npz",
+        x_train=np.zeros((4, 5, 5), np.uint8),
+        x_test=np.zeros((0, 5, 5), np.uint8),
+    )
+    with pytest.raises(LayoutError, match=r"split 'test' is empty \(0 examples\)"):
+        convert(tmp_path / "e.npz", tmp_path / "o.h5")
+    assert "o.h5" not in only_file(tmp_path)
+
+
+def test_cifar_batch_with_text_labels(tmp_path):
+    import pickle
+
+    batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": ["cat", "dog"]}
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(LayoutError, match="labels must be a list of integers, got <U3"):
+        convert(tmp_path, tmp_path / "o.h5")
+
+
+def test_unreadable_plain_idx_file_is_not_called_gzip(tmp_path, monkeypatch):
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(b"\x00\x00\x08\x03")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(SourceFormatError, match=r"ubyte' cannot be read: .*Permission denied"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_truncated_or_damaged_npz(tmp_path, save):
+    save(tmp_path / "a.npz", x_train=np.zeros((40, 6, 6), np.uint8), y_train=np.arange(40))
+    whole = (tmp_path / "a.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])  # no central directory
+    with pytest.raises(SourceFormatError, match=r"cut\.npz' cannot be read by numpy.load"):
+        convert(tmp_path / "cut.npz", tmp_path / "o.h5")
+    damaged = bytearray(whole)
+    start = whole.index(b"x_train.npy") + 200  # inside x_train's data: its CRC-32 fails
+    damaged[start : start + 8] = b"\xff" * 8
+    (tmp_path / "bad.npz").write_bytes(bytes(damaged))
+    with pytest.raises(SourceFormatError, match=r"bad\.npz' cannot be read by numpy.load"):
+        convert(tmp_path / "bad.npz", tmp_path / "o.h5")
+    assert "o.h5" not in only_file(tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import h5py
@@ -102,3 +103,31 @@ def test_plain_dataloader_and_subset_with_collate_batch(h5file):
     sub = Subset(ds, [4, 40, 11])
     got = next(iter(DataLoader(sub, batch_size=3, collate_fn=collate_batch)))
     torch.testing.assert_close(got, x[[4, 40, 11]])
+
+
+def test_plain_dataloader_workers_do_not_use_the_parents_handle(h5file):
+    """A plain DataLoader (no make_loader, so nothing closes the parent's handle first): each
+    forked worker opens the file itself and reads the same values."""
+    from torch.utils.data import DataLoader
+
+    from genkit.data import collate_batch
+
+    class Spy(H5Dataset):
+        def __getitems__(self, indices):
+            x = super().__getitems__(indices)
+            # the handle this read used belongs to this process (a worker, not the parent)
+            assert self._pid == os.getpid() and self._file.id.valid
+            return torch.cat([x.flatten(1), torch.full((len(x), 1), float(os.getpid()))], 1)
+
+    ds = Spy(h5file, in_memory=False)
+    ds[0]  # the parent holds an open handle when the workers fork
+    parent = os.getpid()
+    loader = DataLoader(
+        ds, batch_size=10, num_workers=2, collate_fn=collate_batch, multiprocessing_context="fork"
+    )
+    got = torch.cat(list(loader))
+    pids = set(got[:, -1].long().tolist())
+    assert len(pids) == 2 and parent not in pids
+    torch.testing.assert_close(
+        got[:, :-1], to_model_scale(torch.from_numpy(raw(h5file))).flatten(1)
+    )
