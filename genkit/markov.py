@@ -19,7 +19,7 @@ estimator serves the learned MHVAE and the VDM's fixed encoder alike.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
@@ -90,6 +90,17 @@ def _repeat(x: Tensor, k: int) -> Tensor:
     return x.repeat(k, *[1] * (x.dim() - 1))
 
 
+def _rsample(q: Distribution, what: str) -> Tensor:
+    """``q.rsample()``, or an :class:`IncompatibleEstimatorError` naming ``what`` when ``q`` is
+    not reparameterised (the estimator differentiates through the draws)."""
+    if not q.has_rsample:
+        raise IncompatibleEstimatorError(
+            f"estimator 'consistency' needs reparameterised encoder transitions (rsample); "
+            f"{what} returned {type(q).__name__}, which has no rsample"
+        )
+    return q.rsample()
+
+
 def _walk(chain: MarkovChain, x: Tensor, num_latents: int):
     """One draw of the whole chain, ``z_t ~ q(z_t|z_{t-1})`` for t = 1..T with ``rsample``.
 
@@ -102,7 +113,7 @@ def _walk(chain: MarkovChain, x: Tensor, num_latents: int):
     q_t = None
     for t in range(1, num_latents + 1):
         q_t = chain.q_transition(z[-1], _levels(t, x))
-        z.append(q_t.rsample())
+        z.append(_rsample(q_t, f"q_transition(z_{t - 1}, t={t})"))
         log_q.append(q_t.log_prob(z[-1]))
     return z, log_q, q_t
 
@@ -134,10 +145,14 @@ class ConsistencyELBO(ELBO):
     when levels are sampled), so that ``consistency`` is their sum; ``prior_matching`` is level T's.
 
     :param levels: ``None`` samples the whole chain once per example with ``rsample`` and sums
-        every level (exact in t). ``k`` draws k levels per example uniformly from 1..T-1 (with
-        replacement) and rescales their sum by (T-1)/k, an unbiased estimate; with the chain's
-        ``q_marginal`` the draws of ``z_{t-1}, z_t, z_{t+1}`` cost a constant number of batched
-        calls however long the chain is, without it the chain is walked once.
+        every level (exact in t). ``k`` draws k levels per example from 1..T-1 (with
+        replacement) and weights each drawn summand by ``1 / (k p(t))``, an unbiased estimate
+        (``(T-1)/k`` for uniform levels); with the chain's ``q_marginal`` the draws of
+        ``z_{t-1}, z_t, z_{t+1}`` cost a constant number of batched calls however long the
+        chain is, without it the chain is walked once.
+    :param proposal: ``p(t)`` for the sampled levels t = 1..T-1 (``T - 1`` positive numbers,
+        normalised here); ``None`` is uniform. Importance sampling: put mass where the
+        summands vary most (for a diffusion, the small t).
     :param analytic_prior: replace the sampled ``log p(z_T) - log q(z_T|z_{T-1})`` by its
         expectation given ``z_{T-1}``, ``-KL(q(z_T|z_{T-1}) || p(z_T))`` (same expectation, less
         variance; with T = 1 it is the VAE's analytic prior matching).
@@ -148,7 +163,11 @@ class ConsistencyELBO(ELBO):
     name = "consistency"
 
     def __init__(
-        self, levels: int | None = None, analytic_prior: bool = False, per_level: bool | None = None
+        self,
+        levels: int | None = None,
+        analytic_prior: bool = False,
+        per_level: bool | None = None,
+        proposal: Sequence[float] | None = None,
     ) -> None:
         if levels is not None and (
             not isinstance(levels, int) or isinstance(levels, bool) or levels < 1
@@ -156,7 +175,18 @@ class ConsistencyELBO(ELBO):
             raise InvalidParameterError(
                 f"levels must be None (every level) or an integer >= 1, got {levels!r}"
             )
+        if proposal is not None:
+            proposal = torch.as_tensor(proposal, dtype=torch.float64)
+            if proposal.dim() != 1 or not bool((proposal > 0).all() & proposal.isfinite().all()):
+                raise InvalidParameterError(
+                    "proposal must be a 1-D sequence of positive numbers, one per level 1..T-1"
+                )
+            if levels is None:
+                raise InvalidParameterError(
+                    "a proposal p(t) needs sampled levels (levels=k); levels=None sums every level"
+                )
         self.levels = levels
+        self.proposal = proposal
         self.analytic_prior = bool(analytic_prior)
         self.per_level = per_level
 
@@ -200,43 +230,60 @@ class ConsistencyELBO(ELBO):
         return terms, per_level
 
     # -- k sampled levels per example ------------------------------------------------------
-    def _draw_levels(self, x: Tensor, num_latents: int, k: int) -> Tensor:
-        """``t ~ U{1..T-1}``, ``(k, B)`` LongTensor."""
-        return torch.randint(1, num_latents, (k, x.shape[0]), device=x.device)
+    def probabilities(self, num_latents: int, device: torch.device | None = None) -> Tensor:
+        """``p(t)`` for the levels ``t = 1..T-1`` that are drawn, float64 ``(T-1,)``."""
+        if self.proposal is None:
+            return torch.full((num_latents - 1,), 1.0 / (num_latents - 1), dtype=torch.float64)
+        if self.proposal.numel() != num_latents - 1:
+            raise InvalidParameterError(
+                f"proposal has {self.proposal.numel()} entries; this chain needs one per level "
+                f"1..T-1, T - 1 = {num_latents - 1}"
+            )
+        return (self.proposal / self.proposal.sum()).to(device)
+
+    def _draw_levels(self, x: Tensor, num_latents: int, k: int) -> tuple[Tensor, Tensor]:
+        """``t ~ p(t)`` on 1..T-1, a ``(k, B)`` LongTensor, and the weights ``1 / (k p(t))``
+        (in ``x``'s dtype) that make the weighted sum of the drawn summands unbiased."""
+        if self.proposal is None:
+            t = torch.randint(1, num_latents, (k, x.shape[0]), device=x.device)
+            return t, torch.full(t.shape, (num_latents - 1) / k, dtype=x.dtype, device=x.device)
+        p = self.probabilities(num_latents, x.device)
+        t = torch.multinomial(p.float(), k * x.shape[0], replacement=True).view(k, -1) + 1
+        return t, (1.0 / (k * p[t - 1])).to(x.dtype)
 
     @staticmethod
-    def _rescale(t: Tensor, summand: Tensor, num_latents: int, k: int) -> tuple[Tensor, Tensor]:
-        """From ``summand: (k, B)`` at levels ``t: (k, B)``: the (T-1)/k-rescaled total ``(B,)``
-        and the unbiased per-level estimates ``(B, T-1)`` that sum to it."""
-        scale = (num_latents - 1) / k
-        per_level = summand.new_zeros(summand.shape[1], num_latents - 1)
-        per_level = per_level.scatter_add(1, (t - 1).T, summand.T) * scale
-        return summand.sum(0) * scale, per_level
+    def _per_level(t: Tensor, weighted: Tensor, num_latents: int) -> Tensor:
+        """The weighted summands ``(k, B)`` drawn at levels ``t: (k, B)`` gathered into the
+        unbiased per-level estimates ``(B, T-1)``, which sum to the ``consistency`` estimate."""
+        per_level = weighted.new_zeros(weighted.shape[1], num_latents - 1)
+        return per_level.scatter_add(1, (t - 1).T, weighted.T)
 
     def _sampled_levels_marginal(self, chain: MarkovChain, x: Tensor, num_latents: int, k: int):
         """``z_{t-1} ~ q(z_{t-1}|x)`` by the chain's ``q_marginal``, then two transitions."""
 
         def marginal(x_rows: Tensor, t: Tensor) -> Tensor:  # z_t ~ q(z_t|x), z_0 = x
-            z = chain.q_marginal(x_rows, t.clamp(min=1)).rsample()
+            z = _rsample(chain.q_marginal(x_rows, t.clamp(min=1)), "q_marginal")
             keep = (t == 0).view(-1, *[1] * (x_rows.dim() - 1))
             return torch.where(keep, x_rows, z)
 
         b = x.shape[0]
-        z_1 = chain.q_transition(x, _levels(1, x)).rsample()
+        z_1 = _rsample(chain.q_transition(x, _levels(1, x)), "q_transition(x, t=1)")
         reconstruction = chain.p_transition(z_1, _levels(1, x)).log_prob(x)
 
         t_last = _levels(num_latents, x)
         q_last = chain.q_transition(marginal(x, t_last - 1), t_last)
-        prior_matching = _prior_matching(chain, q_last, q_last.rsample(), self.analytic_prior)
+        z_last = _rsample(q_last, f"q_transition(z_{num_latents - 1}, t={num_latents})")
+        prior_matching = _prior_matching(chain, q_last, z_last, self.analytic_prior)
 
-        t = self._draw_levels(x, num_latents, k)  # (k, B)
+        t, weight = self._draw_levels(x, num_latents, k)  # (k, B) each
         t_rows = t.reshape(-1)  # row j*B + b is draw j of example b
         x_rows = _repeat(x, k)
         q_t = chain.q_transition(marginal(x_rows, t_rows - 1), t_rows)
-        z_t = q_t.rsample()
-        z_next = chain.q_transition(z_t, t_rows + 1).rsample()
+        z_t = _rsample(q_t, "q_transition")
+        z_next = _rsample(chain.q_transition(z_t, t_rows + 1), "q_transition")
         summand = chain.p_transition(z_next, t_rows + 1).log_prob(z_t) - q_t.log_prob(z_t)
-        consistency, per_level = self._rescale(t, summand.view(k, b), num_latents, k)
+        per_level = self._per_level(t, weight * summand.view(k, b), num_latents)
+        consistency = per_level.sum(1)
         terms = {
             "reconstruction": reconstruction,
             "prior_matching": prior_matching,
@@ -250,23 +297,21 @@ class ConsistencyELBO(ELBO):
         reconstruction = chain.p_transition(z[1], _levels(1, x)).log_prob(x)
         prior_matching = _prior_matching(chain, q_last, z[num_latents], self.analytic_prior)
 
-        t = self._draw_levels(x, num_latents, k)  # (k, B)
-        counts = torch.zeros(
-            x.shape[0], num_latents - 1, device=x.device, dtype=reconstruction.dtype
-        )
-        counts = counts.scatter_add(1, (t - 1).T, torch.ones_like(counts[:, :1]).expand(-1, k))
+        t, weight = self._draw_levels(x, num_latents, k)  # (k, B) each
+        # per example and level, the summed weights of the draws that hit it (0 if none did)
+        hits = self._per_level(t, weight.to(reconstruction.dtype), num_latents)  # (B, T-1)
         drawn = set(torch.unique(t).tolist())
         columns = [
-            counts[:, level - 1]
+            hits[:, level - 1]
             * (
                 chain.p_transition(z[level + 1], _levels(level + 1, x)).log_prob(z[level])
                 - log_q[level]
             )
             if level in drawn
-            else counts[:, level - 1]  # zeros: no example drew this level
+            else hits[:, level - 1]  # zeros: no example drew this level
             for level in range(1, num_latents)
         ]
-        per_level = torch.stack(columns, dim=1) * ((num_latents - 1) / k)  # (B, T-1)
+        per_level = torch.stack(columns, dim=1)  # (B, T-1)
         terms = {
             "reconstruction": reconstruction,
             "prior_matching": prior_matching,

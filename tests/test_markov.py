@@ -213,6 +213,9 @@ def test_closed_form_elbo_is_below_log_px_and_equal_for_the_exact_posterior():
             LinearChain,
             ConsistencyELBO(levels=2),
         ),  # no q_marginal: walk once, evaluate the drawn levels
+        # importance-sampled levels, weighted by 1 / (k p(t)): unbiased with or without q_marginal
+        (MarginalLinearChain, ConsistencyELBO(levels=2, proposal=[0.8, 0.2])),
+        (LinearChain, ConsistencyELBO(levels=1, proposal=[1.0, 3.0])),
     ],
 )
 def test_monte_carlo_means_match_the_closed_form_expectations(cls, estimator):
@@ -242,6 +245,21 @@ def test_sampled_levels_extras_sum_to_the_consistency_term():
     per_level = torch.stack([got.extras[f"consistency/level_{t}"] for t in range(1, 5)])
     torch.testing.assert_close(per_level.sum(0), got.terms["consistency"])
     assert ((per_level != 0).sum(0) <= 2).all()  # at most k = 2 levels drawn per example
+
+
+def test_a_proposal_puts_the_draws_where_it_says_and_is_validated():
+    chain, x = _random_chain(num_latents=5, cls=MarginalLinearChain), _x(n=4000)
+    torch.manual_seed(3)
+    got = ConsistencyELBO(levels=1, proposal=[1.0, 0.0001, 0.0001, 3.0])(chain, x)
+    hit = torch.stack([got.extras[f"consistency/level_{t}"] != 0 for t in range(1, 5)])
+    share = hit.double().mean(1)  # how often each level was drawn
+    assert abs(share[0] - 0.25) < 0.03 and abs(share[3] - 0.75) < 0.03 and share[1:3].sum() < 0.01
+    with pytest.raises(InvalidParameterError, match=r"one per level 1\.\.T-1, T - 1 = 4"):
+        ConsistencyELBO(levels=1, proposal=[1.0, 1.0])(chain, x)
+    with pytest.raises(InvalidParameterError, match="positive numbers"):
+        ConsistencyELBO(levels=1, proposal=[1.0, -1.0])
+    with pytest.raises(InvalidParameterError, match="needs sampled levels"):
+        ConsistencyELBO(proposal=[1.0, 1.0])
 
 
 def test_a_single_latent_has_no_consistency_and_a_monte_carlo_prior_matching():
@@ -287,3 +305,22 @@ def test_finds_model_chain_is_registered_and_rejects_non_chains():
         ConsistencyELBO()(object(), _x())
     with pytest.raises(InvalidParameterError, match="levels must be"):
         ConsistencyELBO(levels=0)
+
+
+class _BernoulliChain(MarginalLinearChain):
+    """q(z_1|x) cannot be reparameterised: a Bernoulli."""
+
+    def q_transition(self, z_prev, t):
+        if int(t[0]) == 1:
+            return Independent(torch.distributions.Bernoulli(logits=z_prev), 1)
+        return super().q_transition(z_prev, t)
+
+
+@pytest.mark.parametrize("estimator", [ConsistencyELBO(), ConsistencyELBO(levels=2)])
+def test_a_transition_without_rsample_is_one_clear_error(estimator):
+    chain = _random_chain(num_latents=3, cls=_BernoulliChain)
+    with pytest.raises(
+        IncompatibleEstimatorError,
+        match=r"needs reparameterised .*t=1\) returned Independent, which has no rsample",
+    ):
+        estimator(chain, _x())

@@ -5,15 +5,24 @@ T levels of latents, learned Gaussian transitions in both directions::
     p(x, z_{1:T}) = p(z_T) p(x|z_1) prod_{t=2}^T p(z_{t-1}|z_t),   p(z_T) = N(0, I)
     q(z_{1:T}|x)  = q(z_1|x) prod_{t=2}^T q(z_t|z_{t-1})
 
-``q(z_1|x)`` is the VAE's encoder and ``p(x|z_1)`` its decoder likelihood (the same classes,
-so with T = 1 a ``vae`` state dict loads as is); ``q(z_t|z_{t-1})`` and ``p(z_{t-1}|z_t)`` for
-t >= 2 are MLPs giving diagonal Gaussians. The model is itself a
-:class:`genkit.markov.MarkovChain` and its ELBO is the lecture's consistency form
-(:class:`genkit.markov.ConsistencyELBO`).
+Two kinds of latents, chosen by ``transitions``:
+
+- ``mlp`` (default): each ``z_t`` is a vector of ``latent_dims[t-1]`` units. ``q(z_1|x)`` is
+  the VAE's encoder and ``p(x|z_1)`` its decoder likelihood (the same classes, so with T = 1 a
+  ``vae`` state dict loads as is and the ELBO is the VAE's); ``q(z_t|z_{t-1})`` and
+  ``p(z_{t-1}|z_t)`` for t >= 2 are MLPs giving diagonal Gaussians.
+- ``conv`` (images): each ``z_t`` is a feature map of ``latent_dims[t-1]`` channels at the
+  resolution of the convolutional trunk (H and W halved up to twice), and every transition,
+  ``q(z_1|x)`` and ``p(x|z_1)`` included, is a convolutional network.
+
+The model is itself a :class:`genkit.markov.MarkovChain` and its ELBO is the lecture's
+consistency form (:class:`genkit.markov.ConsistencyELBO`).
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -30,11 +39,18 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from genkit import likelihoods
-from genkit.distributions import sample
+from genkit.distributions import diagonal_normal, sample
+from genkit.elbo import ELBO, ELBOTerms
 from genkit.errors import InvalidParameterError
 from genkit.markov import ConsistencyELBO
-from genkit.model import LatentVariableModel, StandardNormalPrior
-from genkit.nets import mlp
+from genkit.model import (
+    Decoder,
+    Encoder,
+    LatentVariableModel,
+    StandardNormalPrior,
+    check_count,
+)
+from genkit.nets import mlp, num_downsamples
 
 
 def _latent_dims(value: Any) -> tuple[int, ...] | None:
@@ -57,24 +73,29 @@ class HVAEConfig:
 
     #: ``T``, the number of latent levels.
     levels: int = attrs.field(default=2, validator=v.ge(1))
-    #: Latent size per level: a list of T ints, one int for every level, or ``None`` for 32
-    #: halved at each level above the first (at least 2): ``[32, 16]`` with T = 2.
+    #: Latent size per level (units, or channels with ``transitions="conv"``): a list of T
+    #: ints, one int for every level, or ``None`` for 32 halved at each level above the first
+    #: (at least 2): ``[32, 16]`` with T = 2.
     latent_dims: Any = attrs.field(default=None, converter=_latent_dims)
     #: Network of ``q(z_1|x)`` and ``p(x|z_1)``: ``mlp``, ``conv`` (images) or ``auto``.
     net: str = attrs.field(default="auto", validator=v.in_(("auto", "mlp", "conv")))
+    #: ``mlp``: vector latents, MLP transitions between them. ``conv`` (images): feature-map
+    #: latents and convolutional transitions everywhere (``net`` must be ``auto`` or ``conv``).
+    transitions: str = attrs.field(default="mlp", validator=v.in_(("mlp", "conv")))
     #: Width of MLP hidden layers (data MLPs and the latent transitions).
     hidden: int = attrs.field(default=256, validator=v.ge(1))
-    #: Hidden layers of every MLP.
+    #: Hidden layers of every MLP, and of every convolutional latent transition.
     depth: int = attrs.field(default=2, validator=v.ge(1))
-    #: Base channel count of the convolutional trunks.
+    #: Base channel count of the convolutional trunks (doubled at each halving of H and W).
     channels: int = attrs.field(default=32, validator=v.ge(1))
     #: ``discretized_gaussian``, ``bernoulli``, ``gaussian`` or ``auto`` (by data rank).
     likelihood: str = attrs.field(
         default="auto", validator=v.in_(("auto", *likelihoods.LIKELIHOODS))
     )
-    #: ``prior_matching`` as ``-KL(q(z_T|z_{T-1}) || p(z_T))`` instead of the lecture's sampled
-    #: ``log p(z_T) - log q(z_T|z_{T-1})`` (same expectation, less variance).
-    analytic_prior: bool = False
+    #: ``prior_matching`` as ``-KL(q(z_T|z_{T-1}) || p(z_T))`` (the default: with T = 1 it is
+    #: the VAE's term, value for value) instead of the lecture's sampled
+    #: ``log p(z_T) - log q(z_T|z_{T-1})`` (same expectation, more variance).
+    analytic_prior: bool = True
 
     @latent_dims.validator
     def _check_dims(self, _attribute: attrs.Attribute, value: tuple[int, ...] | None) -> None:
@@ -85,7 +106,7 @@ class HVAEConfig:
             )
 
     def sizes(self) -> tuple[int, ...]:
-        """The latent size of each level 1..T."""
+        """The latent size (units or channels) of each level 1..T."""
         if self.latent_dims is None:
             return tuple(max(2, 32 >> t) for t in range(self.levels))
         if len(self.latent_dims) == 1:
@@ -93,16 +114,81 @@ class HVAEConfig:
         return self.latent_dims
 
 
-class GaussianTransition(nn.Module):
-    """A learned diagonal Gaussian ``N(mu(z), diag sigma^2(z))`` over ``out_dim`` units given
-    ``z: (B, in_dim)``: one step ``q(z_t|z_{t-1})`` or ``p(z_{t-1}|z_t)`` of the chain."""
+def spatial_gaussian(params: Tensor) -> Distribution:
+    """``N(mu, diag sigma^2)`` over feature maps from ``params: (B, 2C, h, w)`` =
+    ``[mu, log sigma]`` along channels (log sigma clamped to [-10, 5], as
+    :func:`genkit_vae.model.diagonal_gaussian`); batch ``(B,)``, event ``(C, h, w)``."""
+    mu, log_sigma = params.chunk(2, dim=1)
+    return diagonal_normal(mu, torch.exp(log_sigma.clamp(-10.0, 5.0)), 3)
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int, depth: int) -> None:
+
+def conv_stack(channels: Sequence[int]) -> nn.Sequential:
+    """3x3 convolutions ``channels[0] -> channels[1] -> ...`` with SiLU between them: the
+    convolutional counterpart of :func:`genkit.nets.mlp`; keeps H and W."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(channels)):
+        if i:
+            layers.append(nn.SiLU())
+        layers.append(nn.Conv2d(a, b, 3, padding=1))
+    return nn.Sequential(*layers)
+
+
+class ConvGaussianEncoder(Encoder):
+    """``q(z_1|x)``: ``x: (B, C, H, W)`` -> a diagonal Gaussian over ``(c_1, H/2^n, W/2^n)``;
+    a 3x3 convolution, ``n`` stride-2 4x4 convolutions doubling the channels, a 3x3 head."""
+
+    def __init__(self, in_channels: int, channels: int, halvings: int, latent: int) -> None:
         super().__init__()
-        self.net = mlp([in_dim, *[hidden] * depth, 2 * out_dim])
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 3, padding=1)]
+        ch = channels
+        for _ in range(halvings):
+            layers += [nn.SiLU(), nn.Conv2d(ch, 2 * ch, 4, stride=2, padding=1)]
+            ch *= 2
+        layers += [nn.SiLU(), nn.Conv2d(ch, 2 * latent, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Distribution:
+        return spatial_gaussian(self.net(x))
+
+
+class ConvLikelihoodDecoder(Decoder):
+    """``p(x|z_1)``: ``z_1: (B, c_1, H/2^n, W/2^n)`` -> the likelihood over ``(C, H, W)``; the
+    mirror of :class:`ConvGaussianEncoder` with transposed convolutions."""
+
+    def __init__(
+        self, latent: int, channels: int, halvings: int, data_channels: int, lik: str
+    ) -> None:
+        super().__init__()
+        self.lik = lik
+        ch = channels * 2**halvings
+        layers: list[nn.Module] = [nn.Conv2d(latent, ch, 3, padding=1)]
+        for _ in range(halvings):
+            layers += [nn.SiLU(), nn.ConvTranspose2d(ch, ch // 2, 4, stride=2, padding=1)]
+            ch //= 2
+        out = likelihoods.num_params(lik) * data_channels
+        layers += [nn.SiLU(), nn.Conv2d(ch, out, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Distribution:
-        return diagonal_gaussian(self.net(z))
+        return likelihoods.likelihood(self.lik, self.net(z), 3)
+
+
+class GaussianTransition(nn.Module):
+    """A learned diagonal Gaussian ``N(mu(z), diag sigma^2(z))``: one step ``q(z_t|z_{t-1})``
+    or ``p(z_{t-1}|z_t)`` of the chain. An MLP from ``z: (B, in_dim)`` to ``out_dim`` units,
+    or, with ``conv=True``, ``depth`` hidden 3x3 convolutions of ``hidden`` channels from
+    ``z: (B, in_dim, h, w)`` to ``out_dim`` channels at the same ``(h, w)``."""
+
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden: int, depth: int, conv: bool = False
+    ) -> None:
+        super().__init__()
+        make = conv_stack if conv else mlp
+        self.net = make([in_dim, *[hidden] * depth, 2 * out_dim])
+        self.gaussian = spatial_gaussian if conv else diagonal_gaussian
+
+    def forward(self, z: Tensor) -> Distribution:
+        return self.gaussian(self.net(z))
 
 
 class HVAE(LatentVariableModel):
@@ -111,6 +197,7 @@ class HVAE(LatentVariableModel):
 
     Parts: ``encoder`` = q(z_1|x), ``decoder`` = p(x|z_1), ``prior`` = p(z_T) = N(0, I);
     ``q_steps[t-2]`` = q(z_t|z_{t-1}) and ``p_steps[t-2]`` = p(z_{t-1}|z_t) for t = 2..T.
+    ``latent_shapes[t-1]`` is the shape of one ``z_t``: ``(units,)`` or ``(channels, h, w)``.
     """
 
     def __init__(self, data_shape: tuple[int, ...], config: HVAEConfig | None = None) -> None:
@@ -119,26 +206,47 @@ class HVAE(LatentVariableModel):
         self.latent_sizes = sizes = cfg.sizes()
         kind = net_kind(cfg.net, self.data_shape, "hvae")
         lik = likelihoods.resolve(cfg.likelihood, self.data_shape)
-        bottom = VAEConfig(
-            latent_dim=sizes[0],
-            net=kind,
-            hidden=cfg.hidden,
-            depth=cfg.depth,
-            channels=cfg.channels,
-            likelihood=lik,
-        )
-        self.encoder = GaussianEncoder(self.data_shape, bottom, kind)
-        self.decoder = LikelihoodDecoder(self.data_shape, bottom, kind, lik)
+        conv = cfg.transitions == "conv"
+        if conv:
+            _check_conv(cfg, self.data_shape, kind)
+            c, h, w = self.data_shape
+            n = num_downsamples(h, w)
+            self.latent_shapes = tuple((s, h >> n, w >> n) for s in sizes)
+            self.encoder = ConvGaussianEncoder(c, cfg.channels, n, sizes[0])
+            self.decoder = ConvLikelihoodDecoder(sizes[0], cfg.channels, n, c, lik)
+            width = cfg.channels * 2**n  # the trunk's width at the latents' resolution
+        else:
+            self.latent_shapes = tuple((s,) for s in sizes)
+            bottom = VAEConfig(
+                latent_dim=sizes[0],
+                net=kind,
+                hidden=cfg.hidden,
+                depth=cfg.depth,
+                channels=cfg.channels,
+                likelihood=lik,
+            )
+            self.encoder = GaussianEncoder(self.data_shape, bottom, kind)
+            self.decoder = LikelihoodDecoder(self.data_shape, bottom, kind, lik)
+            width = cfg.hidden
         self.q_steps = nn.ModuleList(
-            GaussianTransition(sizes[t - 2], sizes[t - 1], cfg.hidden, cfg.depth)
+            GaussianTransition(sizes[t - 2], sizes[t - 1], width, cfg.depth, conv)
             for t in range(2, cfg.levels + 1)
         )
         self.p_steps = nn.ModuleList(
-            GaussianTransition(sizes[t - 1], sizes[t - 2], cfg.hidden, cfg.depth)
+            GaussianTransition(sizes[t - 1], sizes[t - 2], width, cfg.depth, conv)
             for t in range(2, cfg.levels + 1)
         )
-        self.prior = StandardNormalPrior((sizes[-1],))
+        self.prior = StandardNormalPrior(self.latent_shapes[-1])
         self.default_estimator = ConsistencyELBO(analytic_prior=cfg.analytic_prior)
+
+    def elbo(self, x: Tensor, estimator: str | ELBO | None = None, **params: Any) -> ELBOTerms:
+        """The ELBO of ``x: (B, *data_shape)`` in the lecture's consistency form (see
+        :class:`~genkit.markov.ConsistencyELBO`). ``params`` without ``estimator`` configure the
+        default one, e.g. ``elbo(x, levels=1)``, keeping ``analytic_prior`` from the config."""
+        if estimator is None and params:
+            params = {"analytic_prior": self.config.analytic_prior, **params}
+            return super().elbo(x, "consistency", **params)
+        return super().elbo(x, estimator, **params)
 
     # -- the MarkovChain protocol ---------------------------------------------------------
     @property
@@ -174,7 +282,22 @@ class HVAE(LatentVariableModel):
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Ancestral: ``z_T ~ p(z_T)``, ``z_{t-1} ~ p(z_{t-1}|z_t)`` down to ``z_1``, then
         ``x ~ p(x|z_1)``: ``(n, *data_shape)`` on the data scale."""
-        z = sample(self.prior(), (n,), generator)
+        z = sample(self.prior(), (check_count("n", n),), generator)
         for step in reversed(self.p_steps):
             z = sample(step(z), (), generator)
         return sample(self.decoder(z), (), generator)
+
+
+def _check_conv(cfg: HVAEConfig, data_shape: tuple[int, ...], kind: str) -> None:
+    """``transitions="conv"`` needs images and convolutional data networks."""
+    if len(data_shape) != 3:
+        raise InvalidParameterError(
+            f"model 'hvae': transitions='conv' needs image data (C, H, W), got data_shape "
+            f"{data_shape}; use transitions='mlp'"
+        )
+    if kind != "conv":
+        raise InvalidParameterError(
+            f"model 'hvae': transitions='conv' makes every latent a feature map, which "
+            f"net='{cfg.net}' cannot encode; use net='conv' (or 'auto') with it, or "
+            "transitions='mlp'"
+        )

@@ -4,13 +4,22 @@ import types
 
 import pytest
 import torch
-from genkit_hvae import HVAE
+from genkit_hvae import HVAE, level_kl
 from genkit_hvae import plugin as hvae_plugin
 from torch.distributions import Independent, Normal
 
 import genkit
 from genkit.distributions import to_model_scale
 from genkit.markov import ConsistencyELBO, MarkovChain, active_units
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a shared machine stays usable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _images(n=8, seed=0):
@@ -33,33 +42,72 @@ def _vae_and_t1_hvae(net):
 
 
 @pytest.mark.parametrize("net", ["mlp", "conv"])
-def test_one_level_with_analytic_prior_is_the_vae(net):
+def test_one_level_is_the_vae_term_for_term(net):
     vae, hvae = _vae_and_t1_hvae(net)
     x = _images()
     torch.manual_seed(5)
     want = vae.elbo(x)
     torch.manual_seed(5)
-    got = hvae.elbo(x, ConsistencyELBO(analytic_prior=True))
+    got = hvae.elbo(x)  # the default: analytic prior matching, as the VAE's
     for name in ("reconstruction", "prior_matching"):
         torch.testing.assert_close(got.terms[name], want.terms[name])
     assert torch.equal(got.terms["consistency"], torch.zeros(8)) and not got.extras
     torch.testing.assert_close(got.total, want.total)
-    configured = _hvae(levels=1, latent_dims=4, net=net, analytic_prior=True)
-    configured.load_state_dict(vae.state_dict())
+    # the same with the estimator asked for by name and option
     torch.manual_seed(5)
-    torch.testing.assert_close(configured.elbo(x).total, want.total)
+    by_name = hvae.elbo(x, "consistency", analytic_prior=True)
+    torch.testing.assert_close(by_name.total, want.total)
 
 
-def test_one_level_default_is_the_vae_with_a_sampled_prior_term():
+def test_one_level_in_the_lectures_form_samples_the_prior_term():
     vae, hvae = _vae_and_t1_hvae("mlp")
     x = _images()
     torch.manual_seed(9)
-    got = hvae.elbo(x)  # the lecture's form: log p(z_1) - log q(z_1|x) at the sampled z_1
+    got = hvae.elbo(x, ConsistencyELBO())  # log p(z_1) - log q(z_1|x) at the sampled z_1
     torch.manual_seed(9)
     q = vae.encoder(x)
     z = q.rsample()
     torch.testing.assert_close(got.terms["reconstruction"], vae.decoder(z).log_prob(x))
     torch.testing.assert_close(got.terms["prior_matching"], vae.prior().log_prob(z) - q.log_prob(z))
+    # lecture form against the analytic KL: equal in expectation over z_1 (1000 draws each)
+    many = x[:2].repeat(500, 1, 1, 1)
+    sampled = hvae.elbo(many, ConsistencyELBO()).terms["prior_matching"].view(500, 2)
+    exact = -torch.distributions.kl_divergence(vae.encoder(x[:2]), vae.prior())
+    se = sampled.std(0) / 500**0.5
+    assert ((sampled.mean(0) - exact).abs() < 5 * se).all()
+
+
+@pytest.mark.parametrize("transitions", ["mlp", "conv"])
+def test_elbo_is_log_p_minus_log_q_of_the_models_own_transitions(transitions):
+    """Brute force on the model itself: replay the noise, walk the chain by hand through the
+    modules, and sum log p(x, z_{1:3}) - log q(z_{1:3}|x) level by level."""
+    model = _hvae(levels=3, latent_dims=[4, 3, 2], transitions=transitions)
+    x = _images(n=4)
+    torch.manual_seed(3)
+    got = model.elbo(x, ConsistencyELBO())
+    torch.manual_seed(3)
+    q = [None, model.encoder(x)]
+    z = [x, q[1].rsample()]
+    for step in model.q_steps:  # q(z_2|z_1), q(z_3|z_2)
+        q.append(step(z[-1]))
+        z.append(q[-1].rsample())
+    log_q = [None] + [q[t].log_prob(z[t]) for t in (1, 2, 3)]
+    log_p_down = [None, model.decoder(z[1]).log_prob(x)]  # log p(z_{t-1}|z_t), t = 1..3
+    log_p_down += [model.p_steps[t - 2](z[t]).log_prob(z[t - 1]) for t in (2, 3)]
+    log_prior = model.prior().log_prob(z[3])
+    assert z[3].shape[1:] == model.latent_shapes[2]
+    torch.testing.assert_close(got.terms["reconstruction"], log_p_down[1])
+    torch.testing.assert_close(got.terms["prior_matching"], log_prior - log_q[3])
+    torch.testing.assert_close(got.extras["consistency/level_1"], log_p_down[2] - log_q[1])
+    torch.testing.assert_close(got.extras["consistency/level_2"], log_p_down[3] - log_q[2])
+    joint = log_prior + sum(log_p_down[1:])
+    torch.testing.assert_close(got.total, joint - sum(log_q[1:]))
+    # the default estimator: prior matching is -KL(q(z_3|z_2) || N(0, I)) at the same z_2
+    torch.manual_seed(3)
+    analytic = model.elbo(x)
+    kl = torch.distributions.kl_divergence(q[3], model.prior())
+    torch.testing.assert_close(analytic.terms["prior_matching"], -kl)
+    torch.testing.assert_close(analytic.terms["consistency"], got.terms["consistency"])
 
 
 def test_the_model_is_a_markov_chain_with_the_documented_parts():
@@ -78,6 +126,15 @@ def test_the_model_is_a_markov_chain_with_the_documented_parts():
         model.q_transition(z1, torch.tensor([2, 3]))
     sampled = model.elbo(x, "consistency", levels=1)  # walks the chain (no q_marginal)
     assert torch.isfinite(sampled.total).all()
+    # options without an estimator configure the default one, keeping analytic_prior
+    torch.manual_seed(4)
+    by_option = model.elbo(x, levels=1)
+    torch.manual_seed(4)
+    by_instance = model.elbo(x, ConsistencyELBO(levels=1, analytic_prior=True))
+    for name, value in by_instance.terms.items():
+        torch.testing.assert_close(by_option.terms[name], value)
+    with pytest.raises(genkit.InvalidParameterError, match="valid parameters: levels"):
+        model.elbo(x, levelz=1)
     # KL warm-up weights: with the latent terms weighted 0 the objective is -reconstruction
     torch.testing.assert_close(
         terms.objective({"prior_matching": 0.0, "consistency": 0.0}), -terms.terms["reconstruction"]
@@ -106,10 +163,42 @@ def test_config_sizes_and_errors():
         genkit.create_model("hvae", (6,), net="conv")
     vec = genkit.create_model("hvae", (6,), latent_dims=[3, 2], hidden=16)
     assert vec.elbo(torch.randn(5, 6)).terms["reconstruction"].shape == (5,)
+    with pytest.raises(genkit.ConfigError, match="transitions"):
+        genkit.create_model("hvae", (1, 8, 8), transitions="resnet")
+    with pytest.raises(genkit.InvalidParameterError, match="transitions='conv' needs image data"):
+        genkit.create_model("hvae", (6,), transitions="conv")
+    with pytest.raises(genkit.InvalidParameterError, match="net='mlp' cannot encode"):
+        genkit.create_model("hvae", (1, 8, 8), transitions="conv", net="mlp")
 
 
-def test_sample_shape_scale_and_determinism():
-    model = _hvae(levels=3, latent_dims=[4, 3, 2])
+def test_conv_transitions_make_feature_map_latents_and_convolutional_steps():
+    model = _hvae(levels=3, latent_dims=[4, 3, 2], transitions="conv")
+    assert model.latent_shapes == ((4, 2, 2), (3, 2, 2), (2, 2, 2))  # 8x8 halved twice
+    x = _images(n=2)
+    z = [model.encoder(x).rsample()]
+    for step in model.q_steps:
+        z.append(step(z[-1]).rsample())
+    assert [tuple(t.shape[1:]) for t in z] == list(model.latent_shapes)
+    assert model.prior().event_shape == (2, 2, 2)
+    for step in [*model.q_steps, *model.p_steps]:
+        assert all(not isinstance(m, torch.nn.Linear) for m in step.modules())
+        assert any(isinstance(m, torch.nn.Conv2d) for m in step.modules())
+    # a 3x3 convolution is local: z_1 at one corner does not move q(z_2|z_1)'s mean at the
+    # opposite corner when the latent map is wide enough (here 16x16 from 64x64 images)
+    wide = genkit.create_model(
+        "hvae", (1, 64, 64), levels=2, latent_dims=2, transitions="conv", channels=4, depth=1
+    )
+    z1 = torch.randn(1, 2, 16, 16)
+    moved = z1.clone()
+    moved[..., 0, 0] += 5.0
+    mean, mean_moved = wide.q_steps[0](z1).mean, wide.q_steps[0](moved).mean
+    torch.testing.assert_close(mean[..., 8:, 8:], mean_moved[..., 8:, 8:])
+    assert not torch.allclose(mean[..., 0, 0], mean_moved[..., 0, 0])
+
+
+@pytest.mark.parametrize("transitions", ["mlp", "conv"])
+def test_sample_shape_scale_and_determinism(transitions):
+    model = _hvae(levels=3, latent_dims=[4, 3, 2], transitions=transitions)
     a = model.sample(5, generator=torch.Generator().manual_seed(3))
     b = model.sample(5, generator=torch.Generator().manual_seed(3))
     c = model.sample(5, generator=torch.Generator().manual_seed(4))
@@ -119,17 +208,20 @@ def test_sample_shape_scale_and_determinism():
     # ancestral sampling written out: z_3 ~ N(0, I), z_2 ~ p(z_2|z_3), z_1 ~ p(z_1|z_2), x ~ p(x|z_1)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        z = torch.randn(5, 2, generator=g)
+        z = torch.randn(5, *model.latent_shapes[2], generator=g)
         for t in (3, 2):
             p = model.p_steps[t - 2](z).base_dist
             z = p.loc + p.scale * torch.randn(p.loc.shape, generator=g)
         px = model.decoder(z).base_dist
         x = px.loc + px.scale * torch.randn(px.loc.shape, generator=g)
     torch.testing.assert_close(a, to_model_scale(((x + 1) * 127.5).round().clamp(0, 255)))
+    with pytest.raises(genkit.InvalidParameterError, match="n must be an integer >= 1, got 0"):
+        model.sample(0)
 
 
-def test_a_few_optimisation_steps_raise_the_elbo():
-    model, x = _hvae(), _images(n=16)
+@pytest.mark.parametrize("transitions", ["mlp", "conv"])
+def test_a_few_optimisation_steps_raise_the_elbo(transitions):
+    model, x = _hvae(transitions=transitions), _images(n=16)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -211,33 +303,111 @@ class _Wrapped(torch.nn.Module):  # what DistributedDataParallel looks like from
         self.module = module
 
 
-def _fake_trainer(model, dataset):
+def _fake_trainer(model, dataset, ema_model=None):
     logged = []
     trainer = types.SimpleNamespace(
         model=model,
+        ema_model=ema_model,
         test_dataset=dataset,
         log_scalar=lambda tag, value, step: logged.append((tag, value, step)),
     )
     return trainer, logged
 
 
-def test_eval_hook_logs_active_units_per_level_for_an_hvae_only():
-    catalog = genkit.make_plugin_manager(load_entrypoints=False, plugins=[hvae_plugin], core=False)
-    model, data = _hvae(), list(_images(n=300))  # a list is a dataset: len() and [i]
-    trainer, logged = _fake_trainer(_Wrapped(model), data)
+def _catalog(*plugins):
+    return genkit.make_plugin_manager(
+        load_entrypoints=False, plugins=[hvae_plugin, *plugins], core=False
+    )
+
+
+def test_eval_hook_logs_level_kl_and_active_units_of_the_evaluated_weights():
+    def encoder_head(model):
+        return [m for m in model.encoder.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+    ema, raw = _hvae(), _hvae()
+    with torch.no_grad():
+        encoder_head(ema).weight.mul_(100.0)  # means that vary with x: active units
+        ema.q_steps[0].net[-1].weight.mul_(30.0)
+        encoder_head(raw).weight.zero_()  # an encoder that ignores x: no unit is active
+    images = _images(n=300)
+    data = [(x, 0) for x in images]  # (x, label) items, as a labelled dataset gives
+    trainer, logged = _fake_trainer(_Wrapped(raw), data, ema_model=_Wrapped(ema))
+    metrics = {"consistency/level_1": -3.0, "prior_matching": -1.5, "reconstruction": -100.0}
     torch.manual_seed(1)
-    catalog.pm.hook.on_eval_end(trainer=trainer, step=7, metrics={})
+    _catalog().pm.hook.on_eval_end(trainer=trainer, step=7, metrics=metrics)
+    after_hook = torch.rand(3)
     torch.manual_seed(1)
-    want = active_units(model, [torch.stack(data[:250]), torch.stack(data[250:])])
+    assert torch.equal(after_hook, torch.rand(3))  # the training randomness is untouched
+    torch.manual_seed(hvae_plugin.ACTIVE_UNITS_SEED + 7)
+    want = active_units(ema, [images[:250], images[250:]])
+    assert want[1] > 0 and want[2] > 0
+    assert active_units(raw, [images]) == {1: 0, 2: 0}
     assert logged == [
+        ("eval/kl/level_1", 3.0, 7),
+        ("eval/kl/level_2", 1.5, 7),
+        ("eval/kl", 4.5, 7),
         ("eval/active_units/level_1", want[1], 7),
         ("eval/active_units/level_2", want[2], 7),
         ("eval/active_units", want[1] + want[2], 7),
     ]
     vae = genkit.create_model("vae", (1, 8, 8), latent_dim=4, hidden=32, channels=8)
-    for other in (_fake_trainer(vae, data), _fake_trainer(model, None)):
-        catalog.pm.hook.on_eval_end(trainer=other[0], step=7, metrics={})
-        assert other[1] == []
+    for other in (_fake_trainer(vae, data), _fake_trainer(ema, None)):
+        _catalog().pm.hook.on_eval_end(trainer=other[0], step=7, metrics={})
+        assert other[1] == []  # not an hvae; no test data and no per-level terms
+
+
+def test_level_kl_sums_to_reconstruction_minus_elbo():
+    model, x = _hvae(levels=3, latent_dims=[4, 3, 2]), _images()
+    terms = model.elbo(x).mean()
+    kl = level_kl(terms, 3)
+    assert set(kl) == {1, 2, 3} and kl[3] > 0  # level 3: an analytic KL
+    want = terms["reconstruction"] - terms["elbo"]  # float32 means of ~400 nats: abs 1e-3
+    assert sum(kl.values()) == pytest.approx(want, abs=1e-3)
+    assert level_kl({"prior_matching": -2.0}, 1) == {1: 2.0}  # T = 1: the VAE's KL
+    assert level_kl({"importance_weighted": -9.0}, 1) is None
+
+
+def test_training_with_kl_warm_up_logs_the_unweighted_elbo_and_the_level_kls():
+    from genkit.training import TrainConfig, Trainer
+
+    class Recorder:
+        def __init__(self):
+            self.steps = []
+
+        @genkit.hookimpl
+        def on_step_end(self, trainer, step, metrics):
+            self.steps.append(dict(metrics))
+
+    recorder = Recorder()
+    cfg = TrainConfig(
+        steps=2,
+        batch_size=8,
+        log_every=1,
+        eval_every=2,
+        eval_batch_size=16,
+        checkpoint_every=0,
+        num_samples=0,
+        device="cpu",
+        warmup_terms=["prior_matching", "consistency"],
+        warmup_steps=4,
+    )
+    model, data = _hvae(), _images(n=16)
+    trainer = Trainer(model, cfg, data, data, catalog=_catalog(recorder), progress=False)
+    logged = []
+    trainer.log_scalar = lambda tag, value, step: logged.append((tag, value, step))
+    trainer.fit()
+    first, second = recorder.steps
+    for m in (first, second):  # the logged ELBO is the unweighted sum of the terms
+        parts = m["reconstruction"] + m["prior_matching"] + m["consistency"]
+        assert m["elbo"] == pytest.approx(parts, rel=1e-5)
+    assert first["objective"] == pytest.approx(-first["reconstruction"], rel=1e-5)  # w = 0
+    latent = second["prior_matching"] + second["consistency"]  # w = 1/4 at the second step
+    assert second["objective"] == pytest.approx(-(second["reconstruction"] + latent / 4), rel=1e-4)
+    tags = {tag for tag, _, _ in logged}
+    assert {"train/kl/level_1", "train/kl/level_2", "train/kl"} <= tags
+    assert {"eval/kl/level_1", "eval/kl/level_2", "eval/active_units/level_2"} <= tags
+    level_2 = [value for tag, value, step in logged if tag == "train/kl/level_2" and step == 1]
+    assert level_2 == [pytest.approx(-first["prior_matching"])]
 
 
 def test_registered_through_the_entry_point():
