@@ -10,11 +10,13 @@ run killed at any moment leaves either the old set of checkpoints or the new one
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -48,21 +50,33 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_atomic(state: dict[str, Any], path: Path) -> Path:
-    """``torch.save(state)`` to ``path`` through a temporary file and ``os.replace``."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], None], *, what: str = "file") -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path``, flush it to disk and rename it
+    to ``path`` (``os.replace``): ``path`` is then either its old self or complete, never
+    half-written. A folder or file that cannot be written is an :class:`OutputError` naming
+    ``path`` (the temporary file is removed)."""
+    from genkit.data.errors import OutputError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return path
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> Path:
+    """``torch.save(state)`` to ``path`` through :func:`write_atomic`."""
+    return write_atomic(path, lambda f: torch.save(state, f), what="checkpoint")
 
 
 def prune(run_dir: Path, keep: int) -> list[Path]:
@@ -129,7 +143,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(int(i) for i in internal.tolist()), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    # .cpu(): a checkpoint loaded with map_location="cuda" holds these on the GPU
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

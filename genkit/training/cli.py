@@ -240,8 +240,7 @@ def sample(
     if out.suffix == ".npy":
         import numpy as np
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(out, x.numpy())
+        ckpt.write_atomic(out, lambda f: np.save(f, x.numpy()), what="samples")
     else:
         if x.dim() != 4:
             raise DataError(

@@ -68,7 +68,8 @@ class TrainConfig:
     # -- learning-rate schedule: linear warm-up over ``lr_warmup_steps``, then ``schedule``
     schedule: str = attrs.field(default="cosine", validator=_choice("cosine", "constant"))
     lr_warmup_steps: int = attrs.field(default=100, validator=v.ge(0))
-    #: The cosine decays to ``min_lr_ratio * lr`` at the last step.
+    #: The cosine decays towards ``min_lr_ratio * lr``, reached at ``step == total_steps``
+    #: (just after the last step).
     min_lr_ratio: float = attrs.field(default=0.0, validator=[v.ge(0.0), v.le(1.0)])
     #: Clip the global gradient norm to this value (``0`` or ``None``: no clipping; the norm
     #: is logged either way).

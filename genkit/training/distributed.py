@@ -72,7 +72,10 @@ def init_from_env(device: str = "auto") -> DistInfo:
 
 
 def shutdown() -> None:
+    """Leave the group: wait for every rank (a rank that tears down gloo while a peer is still
+    in a collective aborts it), then destroy the group."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -94,6 +97,14 @@ def all_reduce_max(flag: Tensor) -> Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag
+
+
+def all_reduce_mean(values: Tensor) -> Tensor:
+    """In place, the mean of ``values`` over the group (identity for one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= dist.get_world_size()
+    return values
 
 
 def barrier() -> None:

@@ -71,18 +71,14 @@ def image_grid(x: Tensor, ncol: int | None = None) -> np.ndarray:
 
 
 def save_png(grid: np.ndarray, path: Path) -> Path:
-    """Write a ``(H, W, C)`` uint8 grid as a PNG (grey for C = 1), atomically."""
-    import os
-
+    """Write a ``(H, W, C)`` uint8 grid as a PNG (grey for C = 1), atomically (an unwritable
+    ``path`` is an :class:`~genkit.data.errors.OutputError`)."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from genkit.training.checkpoint import write_atomic
+
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda f: image.save(f, format="PNG"), what="image")
 
 
 class RunLogger:
@@ -173,10 +169,13 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def format_table(
     rows: Sequence[tuple[str, float, float | None]], num_dims: int, *, title: str = ""
 ) -> str:
-    """A short table: term, nats (± standard error), bits/dim (``-nats / (D ln 2)``)."""
+    """A short table: term, nats (± standard error), bits/dim ``-nats / (D ln 2)`` (± the
+    standard error over ``D ln 2``)."""
+    scale = num_dims * LN2
     lines = [title] if title else []
-    lines.append(f"{'term':<28}{'nats':>22}{'bits/dim':>12}")
+    lines.append(f"{'term':<28}{'nats':>22}{'bits/dim':>20}")
     for name, value, se in rows:
         nats = f"{value:.4f}" + (f" ± {se:.4f}" if se is not None else "")
-        lines.append(f"{name:<28}{nats:>22}{-value / (num_dims * LN2):>12.4f}")
+        bits = f"{-value / scale:.4f}" + (f" ± {se / scale:.4f}" if se is not None else "")
+        lines.append(f"{name:<28}{nats:>22}{bits:>20}")
     return "\n".join(lines)

@@ -14,7 +14,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import random
 import signal
 import threading
@@ -267,6 +266,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self._last_checkpoint: Path | None = None
         self._checkpointed_step = -1
+        self._lr = self.scheduler.get_last_lr()[0]
         self.logger: RunLogger | None = None
         self.interrupted: str | None = None
 
@@ -306,9 +306,11 @@ class Trainer:
     def start(self, *, resume: bool = False) -> None:
         """Open the loggers, restore the latest checkpoint when ``resume``, call
         ``on_train_start``."""
-        if self.run_dir is not None and self.is_main:
+        if self.run_dir is not None and not resume:
+            # every rank checks (the run dir is shared, as resuming needs), so under DDP all
+            # processes stop here rather than rank 0 alone while the others wait in a step
             existing = ckpt.latest_checkpoint(self.run_dir)
-            if existing is not None and not resume:
+            if existing is not None:
                 raise ConfigError(
                     f"run dir {self.run_dir} already holds checkpoints ({existing.name}); "
                     "pass --resume (resume=True) to continue it, or choose another run dir"
@@ -316,6 +318,8 @@ class Trainer:
         if resume:
             self.resume()
         if self.is_main:
+            if self.run_dir is not None:
+                self._write_run_config()  # first: an unwritable run dir fails cleanly here
             self.logger = RunLogger(
                 self.run_dir,
                 enabled=True,
@@ -324,8 +328,6 @@ class Trainer:
                 progress=self.show_progress,
                 purge_step=self.step + 1 if self.step else None,
             )
-            if self.run_dir is not None:
-                self._write_run_config()
             self.logger.config(self._describe())
         self._call_hook("on_train_start", trainer=self)
 
@@ -391,6 +393,7 @@ class Trainer:
             self._record_nonfinite(values)
         if self.config.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(self._params, self.config.grad_clip, grad_norm)
+        self._lr = self.optimizer.param_groups[0]["lr"]  # this step's rate (a float, no sync)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -496,15 +499,27 @@ class Trainer:
 
     def resume(self, path: str | Path | None = None) -> Path:
         """Restore ``path`` (default: the run dir's latest checkpoint)."""
+        older: list[Path] = []
         if path is None:
             if self.run_dir is None:
                 raise CheckpointError("resume needs a run dir or a checkpoint path")
-            path = ckpt.latest_checkpoint(self.run_dir)
+            *older, path = ckpt.list_checkpoints(self.run_dir) or [None]
             if path is None:
                 raise CheckpointError(
                     f"--resume: no checkpoint in {ckpt.checkpoint_dir(self.run_dir)}"
                 )
-        self.load_state_dict(ckpt.load(path, map_location=self.device), path=Path(path))
+        try:
+            # on the CPU: load_state_dict copies into the model's and optimizer's devices, and
+            # the RNG states must be CPU tensors
+            state = ckpt.load(path, map_location="cpu")
+        except CheckpointError as exc:
+            if not older:
+                raise
+            raise CheckpointError(
+                f"{exc}; to resume from an older checkpoint ({', '.join(p.name for p in older)}) "
+                "move this file out of the way"
+            ) from None
+        self.load_state_dict(state, path=Path(path))
         self._last_checkpoint = Path(path)
         self._checkpointed_step = self.step
         return Path(path)
@@ -625,9 +640,9 @@ class Trainer:
         elif extra is not None:
             what = f"extra '{extra}'"
         elif "objective" in bad:
-            what = "the objective"
+            what = "objective"
         else:
-            what = "the gradient norm"
+            what = "gradient norm"
         shown = ""
         if values is not None:
             shown = (
@@ -639,14 +654,19 @@ class Trainer:
         return NonFiniteError(f"non-finite {what} at step {step}{shown}{keep}")
 
     def _flush_metrics(self) -> None:
-        """Sync the accumulated step metrics once, log them, call ``on_step_end``."""
+        """Sync the accumulated step metrics once, log them, call ``on_step_end``.
+
+        Under DDP the sums are averaged over the ranks first (one all-reduce), so the logged
+        terms are those of the global batch; ``lr`` is the rate the last step used."""
         if self._acc is None or self._acc.count == 0:
             return
         if not self._eager_checks:
             self._raise_if_nonfinite()
         steps = self._acc.count
+        if self.dist.world_size > 1:  # every rank flushes at the same steps
+            distributed.all_reduce_mean(self._acc.total)
         metrics = with_totals(self._acc.mean(), self._term_names, self.num_dims)
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["lr"] = self._lr
         if not self.is_main:
             return
         self.logger.scalars("train", metrics, self.step)
@@ -727,16 +747,15 @@ class Trainer:
         return {"train": config_dict(self.config), **self.run_info}
 
     def _write_run_config(self) -> None:
-        path = self.run_dir / "config.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
         info = {
             **json.loads(json.dumps(self.run_info, default=str)),
             "data_shape": list(self.model.data_shape),
             "train": config_dict(self.config),
         }
-        tmp = path.with_name(f".config.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        text = json.dumps(info, indent=2, sort_keys=True) + "\n"
+        ckpt.write_atomic(
+            self.run_dir / "config.json", lambda f: f.write(text.encode()), what="run config"
+        )
 
 
 def _matching_tensors(model: nn.Module, ema: nn.Module) -> tuple[list[Tensor], list[Tensor]]:

@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from trainchild import Metrics
 from trainhelp import TinyModel, flat_params, tiny_images
 
+from genkit.registry import make_plugin_manager
 from genkit.training import TrainConfig, Trainer
 from genkit.training import checkpoint as ckpt
 
@@ -22,9 +24,11 @@ CHILD = HERE / "trainchild.py"
 
 
 def child_env(**extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", **extra}
-    env.pop("WORLD_SIZE", None)
-    return env
+    """This environment, one thread, no inherited torchrun variables, then ``extra``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        env.pop(name, None)
+    return {**env, **extra}
 
 
 def run_child(*args, env=None, check=True):
@@ -93,7 +97,9 @@ def test_two_gloo_processes_equal_one_process_on_the_combined_batch(tmp_path):
         _, err = p.communicate(timeout=180)
         assert p.returncode == 0, err[-3000:]
     ddp = torch.load(tmp_path / "ddp.pt")
+    assert ddp["world_size"] == 2  # the processes really formed one group
 
+    rec = Metrics()
     torch.manual_seed(0)
     model = TinyModel()
     start = flat_params(model).clone()
@@ -107,12 +113,18 @@ def test_two_gloo_processes_equal_one_process_on_the_combined_batch(tmp_path):
         objective_weights={"surrogate": 0.3},
         device="cpu",
     )
-    trainer = Trainer(model, cfg, x, progress=False)
+    trainer = Trainer(model, cfg, x, catalog=make_plugin_manager(plugins=[rec]), progress=False)
+    trainer.start()  # opens the (here file-less) logger
     trainer.train_step(x)
     trainer.train_step(torch.cat([x[:16].flip(0), x[16:].flip(0)]))
+    trainer._flush_metrics()
     single = flat_params(trainer.model)
     assert not torch.allclose(single, start)  # the steps moved the parameters
-    torch.testing.assert_close(ddp, single, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ddp["params"], single, rtol=1e-5, atol=1e-6)
+    # rank 0 logs the terms of the global batch (averaged over the ranks), not its own half
+    assert set(ddp["metrics"]) == set(rec.logged)
+    for name, value in rec.logged.items():
+        assert ddp["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
 def write_tiny_h5(path: Path) -> Path:
@@ -206,6 +218,12 @@ def test_cli_train_eval_sample_end_to_end(tmp_path):
     assert set(lines) == {"reconstruction", "prior_matching", "elbo"}
     total = float(lines["reconstruction"][1]) + float(lines["prior_matching"][1])
     assert float(lines["elbo"][1]) == pytest.approx(total, abs=2e-4)
+    # name, nats, ±, se, bits/dim, ±, se: bits/dim = -nats / (D ln 2), and so its error
+    _, nats, _, se, bits, pm, bits_se = lines["elbo"]
+    d_ln2 = 64 * np.log(2.0)
+    assert pm == "±" and float(se) > 0
+    assert float(bits) == pytest.approx(-float(nats) / d_ln2, abs=1e-4)
+    assert float(bits_se) == pytest.approx(float(se) / d_ln2, abs=1e-4)
     iw = invoke("eval", run, "--estimator", "iwae", "--param", "k=8")
     assert "importance_weighted" in iw and "estimator iwae" in iw
 
@@ -228,6 +246,32 @@ def test_cli_train_eval_sample_end_to_end(tmp_path):
     assert "Error: --set: unknown key 'stpes'; did you mean 'steps'" in bad
     missing = invoke("eval", tmp_path / "nowhere", code=1)
     assert "is not a genkit run dir" in missing
+
+    blocker = tmp_path / "blocker"  # a file where a folder is needed
+    blocker.write_text("")
+    out = invoke("sample", run, "-n", "4", "--out", blocker / "grid.png", code=1)
+    assert out.startswith(f"Error: cannot write image {blocker / 'grid.png'}")
+    assert len(out.strip().splitlines()) == 1
+    out = invoke("train", "--model", "vae", "--data", data, "--out", blocker / "run", code=1)
+    assert out.startswith(f"Error: cannot write run config {blocker / 'run' / 'config.json'}")
+
+
+def test_cli_sample_never_leaves_a_half_written_file(tmp_path, monkeypatch):
+    """A write that fails midway (disk full) leaves no file at --out and no temporary one."""
+    data = write_tiny_h5(tmp_path / "tiny.h5")
+    run = tmp_path / "run"
+    invoke("train", "--model", "vae", "--data", data, "--out", run, "-q", *FEW[:4])
+    invoke("sample", run, "-n", "3", "--out", tmp_path / "s" / "ok.npy")
+    assert np.load(tmp_path / "s" / "ok.npy").shape == (3, 1, 8, 8)
+
+    def disk_full(file, arr, *args, **kwargs):
+        file.write(b"\x93NUMPY partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", disk_full)
+    out = invoke("sample", run, "-n", "3", "--out", tmp_path / "s" / "bad.npy", code=1)
+    assert "No space left on device" in out
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["ok.npy"]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):

@@ -1,5 +1,7 @@
+import copy
 import os
 import re
+import signal
 import warnings
 
 import attrs
@@ -12,6 +14,7 @@ from genkit.errors import CheckpointError, ConfigError, NonFiniteError
 from genkit.registry import make_plugin_manager
 from genkit.training import TrainConfig, Trainer
 from genkit.training import checkpoint as ckpt
+from genkit.training.distributed import DistInfo
 
 FAST = dict(batch_size=16, lr_warmup_steps=2, log_every=5, eval_every=0, checkpoint_every=0)
 
@@ -203,6 +206,10 @@ def test_corrupt_checkpoint_is_a_clear_error_and_is_left_alone(tmp_path, images)
         trainer.fit(resume=True)
     assert latest.read_bytes() == damaged
 
+    with pytest.raises(CheckpointError, match="older checkpoint") as err:
+        Trainer(TinyModel(), cfg, images, run_dir=tmp_path, progress=False).fit(resume=True)
+    assert "step-00000002.pt" in str(err.value) and "\n" not in str(err.value)
+
     latest.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match=r"step-00000004\.pt"):
         Trainer(TinyModel(), cfg, images, run_dir=tmp_path, progress=False).fit(resume=True)
@@ -264,3 +271,137 @@ def test_compiled_model_matches_eager(images):
     compiled.fit()
     assert torch.allclose(flat_params(eager.model), flat_params(compiled.model), atol=1e-5)
     assert set(compiled.model.state_dict()) == set(eager.model.state_dict())
+
+
+def test_logged_lr_is_the_rate_each_step_used(images):
+    """Linear warm-up over 4 steps: step k (1-based) uses lr * min(1, k / 4); the first AdamW
+    step moves every parameter by about its learning rate (``g / sqrt(g^2)``)."""
+    rec = Recorder()
+    cfg = TrainConfig(
+        steps=6, batch_size=16, lr=0.01, lr_warmup_steps=4, schedule="constant", log_every=1
+    )
+    torch.manual_seed(0)
+    trainer = Trainer(TinyModel(), cfg, images, catalog=catalog_with(rec), progress=False)
+    before = flat_params(trainer.model).clone()
+    trainer.start()
+    trainer.train(1)
+    moved = (flat_params(trainer.model) - before).abs()
+    torch.testing.assert_close(moved.max(), torch.tensor(0.0025), rtol=1e-3, atol=0.0)
+    trainer.train(6)
+    trainer.close()
+    logged = [m["lr"] for _, _, m in rec.of("step")]
+    assert logged == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+
+
+def test_evaluation_and_sampling_do_not_disturb_training(tmp_path):
+    """Periodic evaluation and sample grids use private random streams: the VAE (random z
+    every step) ends with the same parameters as a run that never evaluates."""
+    data = tiny_images(96)
+    cfg = TrainConfig(steps=12, ema_decay=0.9, **FAST)
+    quiet = Trainer(tiny_vae(), cfg, data, progress=False)
+    quiet.fit()
+    busy_cfg = attrs.evolve(cfg, eval_every=4, eval_batches=1, num_samples=4)
+    busy = Trainer(tiny_vae(), busy_cfg, data, data[:32], tmp_path, progress=False)
+    busy.fit()
+    assert torch.equal(flat_params(quiet.model), flat_params(busy.model))
+    assert torch.equal(flat_params(quiet.ema_model), flat_params(busy.ema_model))
+
+
+class SignalAt:
+    """Sends this process ``signum`` when step ``step`` ends."""
+
+    def __init__(self, step, signum):
+        self.step, self.signum = step, signum
+
+    @genkit.hookimpl
+    def on_step_end(self, trainer, step, metrics):
+        if step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_sigint_saves_a_checkpoint_of_that_step_and_stops(tmp_path, images, capsys):
+    before = signal.getsignal(signal.SIGINT)
+    cfg = TrainConfig(steps=50, batch_size=16, log_every=1, eval_every=0, checkpoint_every=0)
+    trainer = Trainer(
+        TinyModel(),
+        cfg,
+        images,
+        images[:16],
+        tmp_path,
+        catalog=catalog_with(SignalAt(6, signal.SIGINT)),
+        progress=False,
+    )
+    assert trainer.fit() is None
+    assert trainer.interrupted == "SIGINT" and trainer.step == 6
+    assert "SIGINT at step 6: checkpoint saved" in capsys.readouterr().out
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000006.pt"]
+    saved = ckpt.load(ckpt.latest_checkpoint(tmp_path))
+    assert saved["step"] == 6
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(saved["model"][name], value)
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
+
+
+def test_every_rank_refuses_a_run_dir_with_checkpoints(tmp_path, images):
+    """Not only rank 0: under DDP the other ranks would otherwise wait in a step for ever."""
+    cfg = TrainConfig(steps=2, batch_size=16)
+    Trainer(TinyModel(), cfg, images, run_dir=tmp_path, progress=False).fit()
+    other_rank = Trainer(TinyModel(), cfg, images, run_dir=tmp_path, progress=False)
+    other_rank.dist = DistInfo(rank=1, world_size=1)
+    assert not other_rank.is_main
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        other_rank.start()
+
+
+def grad_norm(model):
+    return torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
+
+
+def test_gradients_are_clipped_and_the_logged_norm_is_before_clipping(images):
+    torch.manual_seed(0)
+    model = TinyModel()
+    reference = copy.deepcopy(model)
+    x = images[:16]
+    (-reference.elbo(x).total.mean()).backward()  # the plain ELBO gradient, by autograd
+    norm = grad_norm(reference)
+    assert norm > 1.0  # so that clipping to 0.5 acts
+    rec = Recorder()
+    cfg = TrainConfig(steps=1, batch_size=16, grad_clip=0.5, log_every=1)
+    trainer = Trainer(model, cfg, images, catalog=catalog_with(rec), progress=False)
+    trainer.start()
+    trainer.train_step(x)
+    trainer._flush_metrics()
+    trainer.close()
+    assert rec.of("step")[0][2]["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+    assert grad_norm(trainer.model).item() == pytest.approx(0.5, rel=1e-5)
+    for clipped, full in zip(trainer.model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(clipped.grad, full.grad * (0.5 / norm.item()))
+
+
+class GradNaN(TinyModel):
+    """At training call ``at`` adds ``sqrt(0 * s)`` to the reconstruction: a finite value
+    (0) whose gradient ``0 / (2 sqrt(0))`` is NaN."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def elbo(self, x, estimator=None, **params):
+        out = super().elbo(x)
+        if not (self.training and self.calls == self.at):
+            return out
+        terms = dict(out.terms)
+        terms["reconstruction"] = terms["reconstruction"] + torch.sqrt(0.0 * self.log_scale)
+        return genkit.ELBOTerms(terms=terms, extras=out.extras, num_dims=out.num_dims)
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["checked-each-step", "checked-on-sync"])
+def test_a_non_finite_gradient_with_a_finite_loss_stops_the_run(images, eager):
+    cfg = TrainConfig(steps=10, batch_size=16, log_every=5, eval_every=0)
+    trainer = Trainer(GradNaN(at=3), cfg, images, progress=False)
+    trainer._eager_checks = eager
+    with pytest.raises(NonFiniteError, match="non-finite gradient norm at step 3") as err:
+        trainer.fit()
+    if eager:  # checked before the update: the weights are still those of step 2
+        assert trainer.step == 2 and "reconstruction=" in str(err.value)
+        assert torch.isfinite(flat_params(trainer.model)).all()

@@ -1,8 +1,9 @@
 """A training process the tests start, kill and resume (``python trainchild.py ...``).
 
 ``--kill-at K`` SIGKILLs the process itself at the end of step K (after any checkpoint of
-that step); ``--ddp-step`` instead takes one step of TinyModel on this rank's half of a fixed
-batch, under torchrun-style environment variables, and saves the parameters.
+that step); ``--ddp-step`` instead takes two steps of TinyModel on this rank's half of fixed
+batches, under torchrun-style environment variables, and saves the parameters and the step
+metrics rank 0 logs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ from genkit.training import (
     Trainer,
     distributed,
 )
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.logged: dict[str, float] = {}
+
+    @genkit.hookimpl
+    def on_step_end(self, trainer, step, metrics):
+        self.logged = dict(metrics)
 
 
 class KillAt:
@@ -90,11 +100,22 @@ def ddp_step(out: Path) -> None:
         objective_weights={"surrogate": 0.3},
         device="cpu",
     )
-    trainer = Trainer(model, cfg, x, progress=False)
+    metrics = Metrics()
+    catalog = make_plugin_manager(plugins=[metrics])
+    trainer = Trainer(model, cfg, x, catalog=catalog, progress=False)
+    trainer.start()  # opens the (here file-less) logger
     trainer.train_step(x[info.rank * half : (info.rank + 1) * half])
     trainer.train_step(x[info.rank * half : (info.rank + 1) * half].flip(0))
+    trainer._flush_metrics()  # what a log_every boundary does (a collective under DDP)
     if info.is_main:
-        torch.save(flat_params(trainer.model), out / "ddp.pt")
+        torch.save(
+            {
+                "params": flat_params(trainer.model),
+                "metrics": metrics.logged,
+                "world_size": trainer.dist.world_size,
+            },
+            out / "ddp.pt",
+        )
     distributed.shutdown()
 
 
