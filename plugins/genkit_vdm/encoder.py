@@ -66,6 +66,11 @@ class DiscreteForwardProcess(Encoder):
             t = t.long().reshape(-1)
             if batch is not None and t.numel() == 1 and batch != 1:
                 t = t.expand(batch)
+            elif batch is not None and t.numel() != batch:
+                raise InvalidParameterError(
+                    f"got {t.numel()} steps t for a batch of {batch}; give one step per example "
+                    "or a single step for all"
+                )
         if t.numel() and (int(t.min()) < low or int(t.max()) > self.timesteps):
             raise InvalidParameterError(
                 f"step t must lie in {low}..{self.timesteps}; got values from {int(t.min())} to {int(t.max())}"

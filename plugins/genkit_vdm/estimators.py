@@ -10,11 +10,13 @@ left random is ``x_1``, each ``x_t`` and, unless ``exact``, which ``t`` is evalu
 decomposition of the same ELBO, the consistency form, is :class:`genkit.markov.ConsistencyELBO`
 (estimator ``consistency``), which works on the VDM as on any Markov chain.
 
-The extra ``simple`` is ``-L_simple = -E_{t ~ U{2..T}} ||eps - eps_hat(x_t, t)||^2`` (Ho et al.
-2020, the squared norm summed over the data dimensions, at the same ``t`` and ``x_t`` draws),
-signed like a term. It is not part of the ELBO; a recipe trains on it with the objective
-weights ``{"denoising_matching": 0, "simple": 1}`` (``t = 1`` stays covered by the
-reconstruction term), while the logged ELBO stays the true one.
+The extra ``simple`` is ``-L_simple = -E_{t ~ U{1..T}} ||eps - eps_hat(x_t, t)||^2``, Ho et
+al. (2020) eq. 14 with the squared norm summed over the data dimensions, signed like a term and
+estimated at the same draws (``t = 1`` at the reconstruction's ``x_1``, weight ``1/T``; the
+steps ``t >= 2`` at the denoising draws, weight ``(T - 1)/T``). It is not part of the ELBO. A
+recipe trains on DDPM's simple loss with the objective weights ``{"reconstruction": 0,
+"denoising_matching": 0, "simple": 1}`` (``prior_matching`` has no parameters), while the
+logged ELBO stays the true one.
 """
 
 from __future__ import annotations
@@ -57,10 +59,16 @@ def denoising_kl(model: VDM, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     return kl, sq_err
 
 
-def reconstruction(model: VDM, x0: Tensor) -> Tensor:
-    """``E_{q(x_1|x_0)}[log p(x_0|x_1)]`` at one draw of ``x_1``, ``(B,)``."""
-    x1 = model.encoder.q_marginal(x0, 1).rsample()
-    return model.decoder(x1).log_prob(x0)
+def first_step(model: VDM, x0: Tensor) -> tuple[Tensor, Tensor]:
+    """The reconstruction ``E_{q(x_1|x_0)}[log p(x_0|x_1)]`` at one draw
+    ``x_1 = sqrt(alpha_1) x_0 + sqrt(1 - alpha_1) eps``, and ``||eps - eps_hat(x_1, 1)||^2`` (the
+    ``t = 1`` summand of ``L_simple``) at the same draw, each ``(B,)``."""
+    q_1 = model.encoder.q_marginal(x0, 1)
+    eps = torch.randn_like(x0)
+    x1 = q_1.mean + q_1.stddev * eps
+    pred = model.decoder.predict(x1, model.encoder.steps(1, x0.shape[0]))
+    log_px = model.decoder.decoder_from(pred.x0).log_prob(x0)
+    return log_px, reduce((eps - pred.eps).square(), "b ... -> b", "sum")
 
 
 def prior_matching(model: VDM, x0: Tensor) -> Tensor:
@@ -138,22 +146,24 @@ class DenoisingMatchingELBO(ELBO):
             )
         num_steps = encoder.timesteps
         if num_steps == 1:
-            zero = x.new_zeros(x.shape[0])
-            denoising, simple = zero, zero
+            kl_sum = sq_sum = x.new_zeros(x.shape[0])
         elif self.t_samples is None:
-            denoising, simple = self._every_step(model, x, num_steps)
+            kl_sum, sq_sum = self._every_step(model, x, num_steps)
         else:
-            denoising, simple = self._sampled_steps(model, x, num_steps, self.t_samples)
+            kl_sum, sq_sum = self._sampled_steps(model, x, num_steps, self.t_samples)
+        log_px, sq_first = first_step(model, x)
         terms = {
-            "reconstruction": reconstruction(model, x),
+            "reconstruction": log_px,
             "prior_matching": prior_matching(model, x),
-            "denoising_matching": denoising,
+            "denoising_matching": -kl_sum,
         }
+        simple = -(sq_first + sq_sum) / num_steps  # -E_{t ~ U{1..T}} ||eps - eps_hat||^2
         return ELBOTerms(terms=terms, num_dims=model.num_dims, extras={"simple": simple})
 
     # -- exact in t ------------------------------------------------------------------------
     def _every_step(self, model: VDM, x: Tensor, num_steps: int) -> tuple[Tensor, Tensor]:
-        """``-sum_{t=2}^T KL_t`` and ``-mean_t ||eps - eps_hat||^2``, batched over chunks of t."""
+        """``sum_{t=2}^T KL_t`` and ``sum_{t=2}^T ||eps - eps_hat||^2`` (one ``x_t`` per t),
+        each ``(B,)``, batched over chunks of t."""
         b = x.shape[0]
         chunk = self.chunk or max(1, EXACT_ROWS // b)
         kl_sum, sq_sum = x.new_zeros(b), x.new_zeros(b)
@@ -163,7 +173,7 @@ class DenoisingMatchingELBO(ELBO):
             kl, sq = denoising_kl(model, _repeat(x, ts.numel()), t_rows)
             kl_sum = kl_sum + reduce(kl, "(c b) -> b", "sum", b=b)
             sq_sum = sq_sum + reduce(sq, "(c b) -> b", "sum", b=b)
-        return -kl_sum, -sq_sum / (num_steps - 1)
+        return kl_sum, sq_sum
 
     # -- t sampled -------------------------------------------------------------------------
     def probabilities(self, num_steps: int, device: torch.device) -> Tensor:
@@ -208,8 +218,9 @@ class DenoisingMatchingELBO(ELBO):
     def _sampled_steps(
         self, model: VDM, x: Tensor, num_steps: int, k: int
     ) -> tuple[Tensor, Tensor]:
-        """``k`` draws ``t ~ p(t)`` per example: ``-mean_j w(t_j) KL_{t_j}`` with ``w = 1/p(t)``
-        (``T - 1`` for uniform), and ``-L_simple`` reweighted to uniform t the same way."""
+        """``k`` draws ``t ~ p(t)`` per example: the unbiased estimates ``mean_j w(t_j) KL_{t_j}``
+        of ``sum_{t=2}^T KL_t`` and ``mean_j w(t_j) ||eps - eps_hat||^2_{t_j}`` of
+        ``sum_{t=2}^T ||eps - eps_hat||^2``, with ``w = 1/p(t)`` (``T - 1`` for uniform)."""
         b = x.shape[0]
         p = self.probabilities(num_steps, x.device)
         if self.sampler == "uniform":
@@ -221,6 +232,4 @@ class DenoisingMatchingELBO(ELBO):
         kl, sq = kl.view(k, b), sq.view(k, b)
         if self.sampler == "importance" and self.proposal is None:
             self._record(t, kl, num_steps)
-        denoising = -(weight * kl).mean(0)
-        simple = -(weight / (num_steps - 1) * sq).mean(0)
-        return denoising, simple
+        return (weight * kl).mean(0), (weight * sq).mean(0)

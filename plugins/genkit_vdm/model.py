@@ -39,7 +39,7 @@ from genkit.config import structure
 from genkit.distributions import DiscretizedGaussian, diagonal_normal
 from genkit.elbo import ELBO, ELBOTerms
 from genkit.errors import InvalidParameterError
-from genkit.model import Decoder, LatentVariableModel, StandardNormalPrior
+from genkit.model import Decoder, LatentVariableModel, StandardNormalPrior, check_count
 from genkit_vdm.encoder import DiscreteForwardProcess, expand_like
 from genkit_vdm.schedules import DiscreteSchedule
 from genkit_vdm.unet import MLPDenoiser, UNet
@@ -64,7 +64,9 @@ class VDMConfig:
     #: U-Net base channels, per-level multipliers, residual blocks per level, attention
     #: at resolutions <= ``attention_resolution`` (0: none), dropout.
     channels: int = attrs.field(default=32, validator=v.ge(1))
-    channel_mults: tuple[int, ...] = (1, 2)
+    channel_mults: tuple[int, ...] = attrs.field(
+        default=(1, 2), validator=[v.min_len(1), v.deep_iterable(v.ge(1))]
+    )
     num_res_blocks: int = attrs.field(default=1, validator=v.ge(1))
     attention_resolution: int = attrs.field(default=8, validator=v.ge(0))
     dropout: float = attrs.field(default=0.0, validator=[v.ge(0.0), v.lt(1.0)])
@@ -313,6 +315,7 @@ class VDM(LatentVariableModel):
         :mod:`genkit_vdm.sampling`). Images come back quantized to the 256 levels of [-1, 1]."""
         from genkit_vdm.sampling import ancestral, ddim
 
+        n = check_count("n", n)
         clip = self.config.clip_denoised and len(self.data_shape) == 3 if clip is None else clip
         if steps is None:
             return ancestral(self, n, generator=generator, clip=clip, final=final)

@@ -3,8 +3,9 @@
 Ancestral (Ho et al. 2020): ``x_T ~ N(0, I)``, then ``x_{t-1} ~ p(x_{t-1}|x_t) =
 N(mu_q(x_t, x0_hat), beta-tilde_t I)`` for ``t = T..2``.
 
-DDIM (Song et al. 2021) on the steps ``tau_1 = 1 < ... < tau_S = T``
-(``tau_i = floor(linspace(1, T, S)_i + 1/2)``), from ``t = tau_i`` to ``s = tau_{i-1}``::
+DDIM (Song et al. 2021) with ``S`` network calls on the steps ``tau_1 = 1 < ... < tau_S = T``
+(``tau_i = floor(linspace(1, T, S)_i + 1/2)``; ``S = 1``: ``tau_1 = T``), from ``t = tau_i`` to
+``s = tau_{i-1}``::
 
     x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z,
     sigma = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s)
@@ -15,9 +16,13 @@ ancestral sampler, draw for draw with the same generator. ``eta = 0`` is determi
 
 Both end at ``t = 1`` with the decoder ``p(x_0|x_1)``: ``final="mode"`` (default) returns its
 mode, the quantized ``x0_hat(x_1, 1)`` for images (its mean for vectors), as DDPM shows the
-mean at the last step; ``final="sample"`` draws from it. With ``clip`` (default for images)
-``x0_hat`` is clipped to [-1, 1] at every step and ``eps_hat`` re-derived from it; the ELBO
-never clips.
+mean at the last step; ``final="sample"`` draws from it. DDIM's last step is in general from
+``x_{tau_1}`` to ``x_0`` with mean ``x0_hat(x_{tau_1}, tau_1)`` (Song et al.'s
+``p(x_0|x_{tau_1})``), the decoder itself when ``tau_1 = 1``; so with ``S = 1`` it is one jump
+from ``x_T``, the decoder's scale ``sqrt(beta_1)`` around ``x0_hat(x_T, T)``.
+
+With ``clip`` (default for images) ``x0_hat`` is clipped to [-1, 1] at every step and
+``eps_hat`` re-derived from it; the ELBO never clips.
 """
 
 from __future__ import annotations
@@ -45,10 +50,16 @@ def _steps(model: VDM, n: int, t: int) -> Tensor:
 
 
 def _last_step(
-    model: VDM, x1: Tensor, generator: torch.Generator | None, clip: bool, final: str
+    model: VDM,
+    x_t: Tensor,
+    generator: torch.Generator | None,
+    clip: bool,
+    final: str,
+    t: int = 1,
 ) -> Tensor:
-    """``x_0`` from the decoder ``p(x_0|x_1)``: its mode or a draw."""
-    pred = model.decoder.predict(x1, _steps(model, x1.shape[0], 1), clip=clip)
+    """``x_0`` from ``x_t`` (``t = 1``: the decoder ``p(x_0|x_1)``): the mode of, or a draw from,
+    the decoder's distribution with mean ``x0_hat(x_t, t)``."""
+    pred = model.decoder.predict(x_t, _steps(model, x_t.shape[0], t), clip=clip)
     dist = model.decoder.decoder_from(pred.x0)
     if final == "sample":
         return draw(dist, (), generator)
@@ -83,15 +94,14 @@ def ancestral(
 
 
 def ddim_steps(timesteps: int, steps: int) -> list[int]:
-    """``tau_1 = 1 < ... < tau_S = T``: ``floor(linspace(1, T, S) + 1/2)``, distinct for S <= T."""
+    """``tau_1 = 1 < ... < tau_S = T``: ``floor(linspace(1, T, S) + 1/2)``, distinct for
+    ``S <= T``; ``[T]`` for ``S = 1``."""
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= timesteps:
         raise InvalidParameterError(
             f"DDIM steps must be an integer in 1..T = {timesteps}, got {steps!r}"
         )
-    if steps == 1 and timesteps > 1:
-        raise InvalidParameterError(
-            f"DDIM needs steps >= 2 to go from t = T = {timesteps} to t = 1"
-        )
+    if steps == 1:
+        return [timesteps]
     grid = torch.linspace(1, timesteps, steps, dtype=torch.float64)
     return torch.floor(grid + 0.5).long().tolist()
 
@@ -106,10 +116,11 @@ def ddim(
     clip: bool = False,
     final: str = "mode",
 ) -> Tensor:
-    """DDIM with ``steps`` steps and noise level ``eta`` (0: deterministic): ``(n, *data_shape)``."""
+    """DDIM with ``steps`` network calls and noise level ``eta`` (0: deterministic):
+    ``(n, *data_shape)``."""
     _check_final(final)
-    if eta < 0:
-        raise InvalidParameterError(f"eta must be >= 0, got {eta}")
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or not eta >= 0:
+        raise InvalidParameterError(f"eta must be a number >= 0, got {eta!r}")
     enc = model.encoder
     taus = ddim_steps(enc.timesteps, steps)
     x = _noise(model, n, generator)  # x_T
@@ -123,7 +134,7 @@ def ddim(
         x = coef[0] * pred.x0 + coef[1] * pred.eps
         if eta > 0:
             x = x + coef[2] * _noise(model, n, generator)
-    return _last_step(model, x, generator, clip, final)
+    return _last_step(model, x, generator, clip, final, t=taus[0])
 
 
 __all__ = ["ancestral", "ddim", "ddim_steps"]

@@ -102,15 +102,15 @@ def test_terms_by_hand_with_the_noise_replayed():
     torch.testing.assert_close(
         terms.terms["denoising_matching"].double(), -kl_sum, rtol=2e-3, atol=1e-2
     )
-    torch.testing.assert_close(
-        terms.extras["simple"].double(), -sq_sum / (timesteps - 1), rtol=1e-4, atol=1e-4
-    )
     # reconstruction: x1 = sqrt(alpha_1) x0 + sqrt(beta_1) eps, decoder N(x0_hat(x1), beta_1) on the bins
     eps = torch.randn_like(x)
     x1 = (ab[1].sqrt() * x64 + betas[1].sqrt() * eps.double()).float()
-    x0_hat = (x1 - betas[1].sqrt().float() * net(x1, torch.ones(4, dtype=torch.long))) / ab[
-        1
-    ].sqrt().float()
+    eps_hat = net(x1, torch.ones(4, dtype=torch.long))
+    x0_hat = (x1 - betas[1].sqrt().float() * eps_hat) / ab[1].sqrt().float()
+    sq_sum += ((eps - eps_hat).double() ** 2).flatten(1).sum(1)  # L_simple's t = 1 summand
+    torch.testing.assert_close(
+        terms.extras["simple"].double(), -sq_sum / timesteps, rtol=1e-4, atol=1e-4
+    )
     log_scale = torch.full_like(x, 0.5 * math.log(betas[1].item()))
     recon = discretized_gaussian_log_prob(x, x0_hat, log_scale).flatten(1).sum(1)
     torch.testing.assert_close(terms.terms["reconstruction"], recon, rtol=1e-4, atol=1e-3)
@@ -246,25 +246,82 @@ def test_loss_aware_importance_sampler_adapts_and_stays_unbiased():
     assert m2.default_estimator._seen.sum().item() == 4
 
 
-def test_simple_objective_trains_on_l_simple_and_logs_the_true_elbo():
+class OffsetAtFirstStep(RandomEps):
+    """:class:`RandomEps` plus a constant ``offset`` at ``t = 1`` only, so that L_simple's
+    ``t = 1`` summand stands out from the others."""
+
+    offset = 2.0
+
+    def forward(self, x, t):
+        first = (t == 1).float().view(-1, *[1] * (x.dim() - 1))
+        return super().forward(x, t) + self.offset * first
+
+
+def _l_simple_closed_form(model, x, ts):
+    """``E_eps ||eps - eps_hat(x_t, t)||^2`` for the net :class:`OffsetAtFirstStep`, in closed form.
+
+    Rows are ``flat(x_t) @ W + c_t`` (``c_t = b sin t``, plus the offset at ``t = 1``); with
+    ``x_t = s x0 + r eps``, ``eps - eps_hat = eps (I - r W) - (s x0 W + c_t)``, so the
+    expectation over ``eps`` is ``||I - r W||_F^2 + ||s x0 W + c_t||^2``. ``(len(ts), B)``.
+    """
+    w, bias = model.net.w.detach().double(), model.net.b.detach().double()
+    flat, ab = x.flatten(1).double(), _tables(model.timesteps)[1]
+    eye = torch.eye(w.shape[0], dtype=torch.float64)
+    rows = []
+    for t in ts:
+        s, r = ab[t].sqrt(), (1 - ab[t]).sqrt()
+        c = bias * math.sin(t) + (OffsetAtFirstStep.offset if t == 1 else 0.0)
+        rows.append((eye - r * w).square().sum() + (s * flat @ w + c).square().sum(1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize(
+    "params", [{"t_samples": 1}, {"t_samples": None}], ids=["sampled", "exact"]
+)
+def test_simple_is_ho_et_al_l_simple_over_t_1_to_T(params):
+    """The extra ``simple`` is -L_simple = -E_{t ~ U{1..T}, eps} ||eps - eps_hat(x_t, t)||^2,
+    against the closed form for a linear net; leaving out t = 1 would be detected."""
+    timesteps, reps = 6, 3000
+    m, x = _vdm(timesteps, net=OffsetAtFirstStep(16)), _images(n=2)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        got = -m.elbo(x.repeat(reps, 1, 1, 1), **params).extras["simple"].double().view(reps, -1)
+    per_t = _l_simple_closed_form(m, x, range(1, timesteps + 1))  # (T, B)
+    expected = per_t.mean(0)
+    se = got.std(0) / math.sqrt(reps)
+    assert ((got.mean(0) - expected).abs() < 4 * se).all(), (got.mean(0), expected, se)
+    without_t1 = per_t[1:].mean(0)
+    assert ((without_t1 - expected).abs() > 12 * se).all()  # the test can tell the two apart
+
+
+def test_ho_et_al_objective_trains_on_l_simple_and_logs_the_true_elbo():
     m, x = _vdm(timesteps=10), _images()
     torch.manual_seed(0)
     terms = m.elbo(x)
-    weights = {"denoising_matching": 0.0, "simple": 1.0}
-    expected = -(
-        terms.terms["reconstruction"] + terms.terms["prior_matching"] + terms.extras["simple"]
+    ho = {"reconstruction": 0.0, "denoising_matching": 0.0, "simple": 1.0}
+    torch.testing.assert_close(
+        terms.objective(ho), -(terms.terms["prior_matching"] + terms.extras["simple"])
     )
-    torch.testing.assert_close(terms.objective(weights), expected)
-    assert "simple" not in terms.terms and (terms.extras["simple"] <= 0).all()
+    # prior matching has no parameters: the gradient is that of L_simple alone
+    m.zero_grad()
+    terms.objective(ho).sum().backward(retain_graph=True)
+    grad = m.net.w.grad.clone()
+    m.zero_grad()
+    (-terms.extras["simple"]).sum().backward()
+    torch.testing.assert_close(grad, m.net.w.grad)
+    assert "simple" not in terms.terms and (terms.extras["simple"] < 0).all()
+    torch.testing.assert_close(terms.total, sum(terms.terms.values()))
 
 
 def test_training_a_few_steps_raises_the_elbo():
     from sklearn.datasets import load_digits
 
-    digits = load_digits().images[:32]  # values 0..16
+    digits = load_digits().images[:16]  # values 0..16
     x = to_model_scale(torch.tensor(digits * 255.0 / 16.0).round().to(torch.uint8)).unsqueeze(1)
     torch.manual_seed(0)
-    m = genkit.create_model("vdm", (1, 8, 8), timesteps=10, channels=8, attention_resolution=0)
+    m = genkit.create_model(
+        "vdm", (1, 8, 8), timesteps=10, channels=8, channel_mults=(1,), attention_resolution=0
+    )
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
 
     def evaluate():

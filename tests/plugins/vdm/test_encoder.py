@@ -93,6 +93,8 @@ def test_steps_out_of_range_and_float_steps_are_errors():
         m.encoder.q_posterior(x, x, 1)  # a point mass at x0: no density
     with pytest.raises(InvalidParameterError, match="integer"):
         m.encoder.q_step(x, torch.tensor([0.5, 0.5]))
+    with pytest.raises(InvalidParameterError, match="3 steps t for a batch of 2"):
+        m.encoder.q_posterior(x, x, torch.tensor([2, 3, 4]))
     per_example = m.encoder.q_marginal(x, torch.tensor([1, 5]))
     torch.testing.assert_close(
         per_example.variance[:, 0], 1 - m.encoder.alpha_bar(torch.tensor([1, 5])).float()

@@ -40,6 +40,9 @@ def test_unet_depth_and_width_are_configurable():
     assert big.net(x, torch.tensor([3])).shape == x.shape
     attention = [mod for mod in big.modules() if type(mod).__name__ == "SelfAttention"]
     assert attention  # at 7x7 and in the middle, with the default attention_resolution=8
+    plain = genkit.create_model("vdm", (1, 28, 28), channels=8, attention_resolution=0)
+    assert not [mod for mod in plain.modules() if type(mod).__name__ == "SelfAttention"]
+    assert plain.net(x, torch.tensor([3])).shape == x.shape
 
 
 def test_a_users_net_is_called_as_net_x_t_t():
@@ -82,6 +85,10 @@ def test_bad_parameters_are_clear_errors():
         genkit.create_model("vdm", (3,), net=lambda x, t: x)
     with pytest.raises(InvalidParameterError, match="images"):
         genkit.create_model("vdm", (3,), denoiser="unet")
+    with pytest.raises(ConfigError, match="Length of 'channel_mults' must be >= 1"):
+        genkit.create_model("vdm", (1, 8, 8), channel_mults=[])
+    with pytest.raises(ConfigError, match="'channel_mults' must be >= 1: 0"):
+        genkit.create_model("vdm", (1, 8, 8), channel_mults=[1, 0])
 
     class Narrow(nn.Module):
         def forward(self, x_t, t):

@@ -1,8 +1,11 @@
 """Ancestral (DDPM) and DDIM sampling."""
 
+import math
+
 import pytest
 import torch
 from genkit_vdm.sampling import ddim_steps
+from torch import nn
 
 import genkit
 from genkit.distributions import quantize
@@ -69,9 +72,51 @@ def test_ddim_step_grid():
     assert ddim_steps(10, 10) == list(range(1, 11))
     assert ddim_steps(1000, 4) == [1, 334, 667, 1000]
     assert ddim_steps(1, 1) == [1]
+    assert ddim_steps(10, 1) == [10]  # one jump from x_T
     with pytest.raises(InvalidParameterError, match="steps"):
         ddim_steps(10, 11)
-    with pytest.raises(InvalidParameterError, match="steps >= 2"):
-        ddim_steps(10, 1)
     with pytest.raises(InvalidParameterError, match="final"):
         _vdm().sample(2, final="mean")
+
+
+def test_bad_sampling_arguments_are_one_clear_error():
+    m = _vdm(shape=(3,))
+    for n in (0, -2, 2.5, True):
+        with pytest.raises(InvalidParameterError, match="n must be an integer >= 1"):
+            m.sample(n)
+    for eta in (-0.5, float("nan"), "1"):
+        with pytest.raises(InvalidParameterError, match="eta must be a number >= 0"):
+            m.sample(2, steps=3, eta=eta)
+    with pytest.raises(InvalidParameterError, match=r"integer in 1\.\.T = 12"):
+        m.sample(2, steps=0)
+
+
+class HalfInput(nn.Module):
+    """``eps_hat = x_t / 2``; records the steps it is called at."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+        self.calls = []
+
+    def forward(self, x_t, t):
+        self.calls.append(sorted(set(t.tolist())))
+        return self.scale * x_t
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_ddim_makes_one_network_call_per_step_and_one_step_is_a_jump_from_x_T(steps):
+    """S network calls at tau_S = T > ... > tau_1 (= 1 for S >= 2); with S = 1 the image is the
+    quantized x0_hat(x_T, T) = (x_T - sqrt(1 - ab_T) eps_hat) / sqrt(ab_T), computed by hand."""
+    net = HalfInput()
+    m = genkit.create_model("vdm", (1, 4, 4), timesteps=12, net=net)
+    x = m.sample(3, generator=torch.Generator().manual_seed(2), steps=steps, clip=False)
+    called = [c[0] for c in net.calls]
+    assert all(len(c) == 1 for c in net.calls) and called == sorted(called, reverse=True)
+    assert len(called) == steps and called[0] == 12 and (steps == 1 or called[-1] == 1)
+    if steps == 1:
+        x_T = torch.randn((3, 1, 4, 4), generator=torch.Generator().manual_seed(2))
+        ab = math.prod(1 - b for b in torch.linspace(1e-4, 0.02, 12, dtype=torch.float64).tolist())
+        x0_hat = (x_T - math.sqrt(1 - ab) * 0.5 * x_T) / math.sqrt(ab)
+        torch.testing.assert_close(x, quantize(x0_hat), atol=2 / 255, rtol=0)
+        assert (x == quantize(x0_hat)).float().mean() > 0.9
