@@ -12,8 +12,8 @@ from genkit.registry import KINDS, get_catalog
 @click.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def plugins(as_json: bool) -> None:
-    """List installed plugins and the models, estimators, datasets and schedules each registers;
-    report any plugin that failed to load."""
+    """List installed plugins and the models, estimators, datasets and schedules each registers
+    (and the trainer hooks it implements); report any plugin that failed to load."""
     catalog = get_catalog()
     infos = catalog.plugins()
     if as_json:
@@ -31,7 +31,7 @@ def plugins(as_json: bool) -> None:
         return
     for p in infos:
         click.echo(f"{p.name}  (package {p.package} {p.version})")
-        for kind in KINDS:
+        for kind in (*KINDS, "hooks"):
             if p.registered.get(kind):
                 click.echo(f"    {kind}: {', '.join(p.registered[kind])}")
     for f in catalog.failures:

@@ -171,12 +171,17 @@ class Catalog:
     def plugins(self) -> list[PluginInfo]:
         """Every loaded plugin with its package, version and what it registered."""
         out = []
-        for name, _plugin in self.pm.list_name_plugin():
+        for name, plugin in self.pm.list_name_plugin():
             package, version = self.sources.get(name, ("?", "?"))
             registered = {
                 kind: sorted(r.name for r in self.entries[kind].values() if r.plugin == name)
                 for kind in KINDS
             }
+            # the trainer hooks it implements (the register_* hooks show as what they added)
+            callers = self.pm.get_hookcallers(plugin) or []
+            registered["hooks"] = sorted(
+                c.name for c in callers if not c.name.startswith("register_")
+            )
             out.append(
                 PluginInfo(name, package, version, {k: v for k, v in registered.items() if v})
             )

@@ -24,6 +24,9 @@ def test_plugins_lists_vae_with_its_package():
     i = next(i for i, line in enumerate(lines) if line.startswith("vae "))
     assert "(package genkit" in lines[i]
     assert "models: vae" in lines[i + 1]
+    # trainer hooks are listed with what a plugin registers (hvae logs per-level KLs by hooks)
+    j = next(i for i, line in enumerate(lines) if line.startswith("hvae "))
+    assert lines[j + 1 : j + 3] == ["    models: hvae", "    hooks: on_eval_end, on_step_end"]
 
 
 def test_console_script_runs():
