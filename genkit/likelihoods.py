@@ -49,7 +49,9 @@ def likelihood(kind: str, params: Tensor, event_dims: int) -> Distribution:
 
     Half-precision ``params`` (a network run under bf16 autocast) are taken to float32 first:
     bf16 cannot hold the 256 bin centres apart (its spacing near 1 is one bin), so the mass
-    function, its samples and its mode are computed in float32 at least."""
+    function, its samples and its mode are computed in float32 at least. The cast cannot bring
+    back what a bf16 output layer rounded away, so decoders compute ``params`` with a float32
+    head (:class:`genkit.nets.Float32Head`), as the built-in ones do."""
     if params.dtype in (torch.float16, torch.bfloat16):
         params = params.float()
     if kind == "bernoulli":

@@ -50,7 +50,7 @@ from genkit.model import (
     StandardNormalPrior,
     check_count,
 )
-from genkit.nets import mlp, num_downsamples
+from genkit.nets import Float32Conv2d, mlp, num_downsamples
 
 
 def _latent_dims(value: Any) -> tuple[int, ...] | None:
@@ -122,20 +122,25 @@ def spatial_gaussian(params: Tensor) -> Distribution:
     return diagonal_normal(mu, torch.exp(log_sigma.clamp(-10.0, 5.0)), 3)
 
 
-def conv_stack(channels: Sequence[int]) -> nn.Sequential:
+def conv_stack(channels: Sequence[int], *, float32_head: bool = False) -> nn.Sequential:
     """3x3 convolutions ``channels[0] -> channels[1] -> ...`` with SiLU between them: the
-    convolutional counterpart of :func:`genkit.nets.mlp`; keeps H and W."""
+    convolutional counterpart of :func:`genkit.nets.mlp`; keeps H and W. With ``float32_head``
+    the last one is a :class:`~genkit.nets.Float32Conv2d` (for distribution parameters)."""
     layers: list[nn.Module] = []
+    last = len(channels) - 2
     for i, (a, b) in enumerate(itertools.pairwise(channels)):
         if i:
             layers.append(nn.SiLU())
-        layers.append(nn.Conv2d(a, b, 3, padding=1))
+        layers.append(
+            (Float32Conv2d if float32_head and i == last else nn.Conv2d)(a, b, 3, padding=1)
+        )
     return nn.Sequential(*layers)
 
 
 class ConvGaussianEncoder(Encoder):
     """``q(z_1|x)``: ``x: (B, C, H, W)`` -> a diagonal Gaussian over ``(c_1, H/2^n, W/2^n)``;
-    a 3x3 convolution, ``n`` stride-2 4x4 convolutions doubling the channels, a 3x3 head."""
+    a 3x3 convolution, ``n`` stride-2 4x4 convolutions doubling the channels, a 3x3 float32
+    head (:class:`~genkit.nets.Float32Conv2d`) giving ``[mu, log sigma]``."""
 
     def __init__(self, in_channels: int, channels: int, halvings: int, latent: int) -> None:
         super().__init__()
@@ -144,7 +149,7 @@ class ConvGaussianEncoder(Encoder):
         for _ in range(halvings):
             layers += [nn.SiLU(), nn.Conv2d(ch, 2 * ch, 4, stride=2, padding=1)]
             ch *= 2
-        layers += [nn.SiLU(), nn.Conv2d(ch, 2 * latent, 3, padding=1)]
+        layers += [nn.SiLU(), Float32Conv2d(ch, 2 * latent, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Distribution:
@@ -153,7 +158,9 @@ class ConvGaussianEncoder(Encoder):
 
 class ConvLikelihoodDecoder(Decoder):
     """``p(x|z_1)``: ``z_1: (B, c_1, H/2^n, W/2^n)`` -> the likelihood over ``(C, H, W)``; the
-    mirror of :class:`ConvGaussianEncoder` with transposed convolutions."""
+    mirror of :class:`ConvGaussianEncoder` with transposed convolutions, ending in a float32
+    head (:class:`~genkit.nets.Float32Conv2d`): under bf16 autocast the likelihood's ``loc`` is
+    not rounded to bf16, whose spacing near 1 is a bin."""
 
     def __init__(
         self, latent: int, channels: int, halvings: int, data_channels: int, lik: str
@@ -166,7 +173,7 @@ class ConvLikelihoodDecoder(Decoder):
             layers += [nn.SiLU(), nn.ConvTranspose2d(ch, ch // 2, 4, stride=2, padding=1)]
             ch //= 2
         out = likelihoods.num_params(lik) * data_channels
-        layers += [nn.SiLU(), nn.Conv2d(ch, out, 3, padding=1)]
+        layers += [nn.SiLU(), Float32Conv2d(ch, out, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Distribution:
@@ -177,14 +184,19 @@ class GaussianTransition(nn.Module):
     """A learned diagonal Gaussian ``N(mu(z), diag sigma^2(z))``: one step ``q(z_t|z_{t-1})``
     or ``p(z_{t-1}|z_t)`` of the chain. An MLP from ``z: (B, in_dim)`` to ``out_dim`` units,
     or, with ``conv=True``, ``depth`` hidden 3x3 convolutions of ``hidden`` channels from
-    ``z: (B, in_dim, h, w)`` to ``out_dim`` channels at the same ``(h, w)``."""
+    ``z: (B, in_dim, h, w)`` to ``out_dim`` channels at the same ``(h, w)``.
+
+    The last layer is a float32 head (:class:`~genkit.nets.Float32Head`), as in the encoder and
+    decoder: under bf16 autocast the chain's ``log q`` and ``log p`` of every level, and so the
+    ``consistency`` term, are then float32; a bf16 ``mu`` would be off by up to ``2^-8 |mu|``, not
+    small against a sharp ``sigma``."""
 
     def __init__(
         self, in_dim: int, out_dim: int, hidden: int, depth: int, conv: bool = False
     ) -> None:
         super().__init__()
         make = conv_stack if conv else mlp
-        self.net = make([in_dim, *[hidden] * depth, 2 * out_dim])
+        self.net = make([in_dim, *[hidden] * depth, 2 * out_dim], float32_head=True)
         self.gaussian = spatial_gaussian if conv else diagonal_gaussian
 
     def forward(self, z: Tensor) -> Distribution:

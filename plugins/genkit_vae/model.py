@@ -71,16 +71,21 @@ def diagonal_gaussian(params: Tensor) -> Distribution:
 
 class GaussianEncoder(Encoder):
     """``q(z|x) = N(mu(x), diag sigma^2(x))``; ``x: (B, *data_shape)`` -> batch ``(B,)``,
-    event ``(latent_dim,)``."""
+    event ``(latent_dim,)``. The layer giving ``[mu, log sigma]`` is a float32 head
+    (:class:`genkit.nets.Float32Head`), so under bf16 autocast ``q``, ``z`` and the KL are
+    float32."""
 
     def __init__(self, data_shape: tuple[int, ...], cfg: VAEConfig, kind: str) -> None:
         super().__init__()
         if kind == "conv":
-            self.net = ConvEncoderTrunk(data_shape, cfg.channels, 2 * cfg.latent_dim)
+            self.net = ConvEncoderTrunk(
+                data_shape, cfg.channels, 2 * cfg.latent_dim, float32_head=True
+            )
         else:
             d = int(torch.Size(data_shape).numel())
             self.net = nn.Sequential(
-                nn.Flatten(), mlp([d, *[cfg.hidden] * cfg.depth, 2 * cfg.latent_dim])
+                nn.Flatten(),
+                mlp([d, *[cfg.hidden] * cfg.depth, 2 * cfg.latent_dim], float32_head=True),
             )
 
     def forward(self, x: Tensor) -> Distribution:
@@ -88,17 +93,21 @@ class GaussianEncoder(Encoder):
 
 
 class LikelihoodDecoder(Decoder):
-    """``p(x|z)``: a network from ``z: (B, latent_dim)`` to the likelihood's parameters."""
+    """``p(x|z)``: a network from ``z: (B, latent_dim)`` to the likelihood's parameters, whose
+    last layer is a float32 head (:class:`genkit.nets.Float32Head`): under bf16 autocast the
+    ``loc`` of a discretized Gaussian is not rounded to bf16, whose spacing near 1 is a bin."""
 
     def __init__(self, data_shape: tuple[int, ...], cfg: VAEConfig, kind: str, lik: str) -> None:
         super().__init__()
         self.data_shape, self.lik = data_shape, lik
         p = likelihoods.num_params(lik)
         if kind == "conv":
-            self.net = ConvDecoderTrunk(cfg.latent_dim, data_shape, cfg.channels, p * data_shape[0])
+            self.net = ConvDecoderTrunk(
+                cfg.latent_dim, data_shape, cfg.channels, p * data_shape[0], float32_head=True
+            )
         else:
             d = int(torch.Size(data_shape).numel())
-            self.net = mlp([cfg.latent_dim, *[cfg.hidden] * cfg.depth, p * d])
+            self.net = mlp([cfg.latent_dim, *[cfg.hidden] * cfg.depth, p * d], float32_head=True)
 
     def forward(self, z: Tensor) -> Distribution:
         params = self.net(z)

@@ -5,6 +5,11 @@ embedding and an MLP, and return a tensor shaped like ``x_t`` that the model rea
 x0 or v. The U-Net halves the resolution between levels while H and W are even and >= 4
 (8x8 -> 4x4, 28x28 -> 14x14 -> 7x7, 32x32 -> 16x16 -> 8x8) and keeps it otherwise, so the
 upsampling path meets every skip connection at its size.
+
+The output layer of both is a float32 head (:class:`genkit.nets.Float32Head`): under bf16
+autocast a bf16 eps would carry a relative error of up to ``2^-8``, which the x0 the estimators
+read from it, ``x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)``, multiplies by
+``sqrt((1 - alpha_bar) / alpha_bar)`` (about 150 at the last step of the linear schedule).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from genkit.nets import mlp
+from genkit.nets import Float32Conv2d, mlp
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
@@ -145,7 +150,7 @@ class UNet(nn.Module):
                     up = nn.Identity()
                 self.up.append(up)
         self.norm_out = nn.GroupNorm(_groups(ch), ch)
-        self.conv_out = nn.Conv2d(ch, c, 3, padding=1)
+        self.conv_out = Float32Conv2d(ch, c, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -172,7 +177,7 @@ class MLPDenoiser(nn.Module):
         super().__init__()
         self.emb_dim = emb_dim
         self.embed = mlp([emb_dim, hidden, hidden])
-        self.net = mlp([dim + hidden, *[hidden] * depth, dim])
+        self.net = mlp([dim + hidden, *[hidden] * depth, dim], float32_head=True)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
