@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from einops import reduce
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import kl_divergence
 
 from genkit.elbo import ELBO, ELBOTerms
@@ -76,6 +76,66 @@ def prior_matching(model: VDM, x0: Tensor) -> Tensor:
     return -kl_divergence(model.encoder.q_marginal(x0, model.encoder.timesteps), model.prior())
 
 
+class LossSecondMoments(nn.Module):
+    """The loss-aware sampler's statistics (Nichol & Dhariwal 2021, sec. 3.3) for ``t = 2..T``,
+    as persistent buffers, so that they are part of ``state_dict()`` (and of the trainer's
+    checkpoints) when a model owns them::
+
+        mean_sq[t - 2] ~ E[L_t^2]   an exponential average, rate 1/history, of L_t^2
+        seen[t - 2]                 how many L_t have been recorded
+
+    where ``L_t = KL(q(x_{t-1}|x_t, x_0) || p(x_{t-1}|x_t))``. ``mean_sq`` is float64 and ``seen``
+    int64, each ``(T - 1,)``; keep the module in float64 (``model.half()``/``.float()`` would
+    cast ``mean_sq`` as they cast every floating buffer).
+    """
+
+    mean_sq: Tensor
+    seen: Tensor
+
+    def __init__(self, num_steps: int) -> None:
+        super().__init__()
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise InvalidParameterError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        self.num_steps = num_steps
+        size = num_steps - 1
+        self.register_buffer("mean_sq", torch.zeros(size, dtype=torch.float64), persistent=True)
+        self.register_buffer("seen", torch.zeros(size, dtype=torch.int64), persistent=True)
+
+    def probabilities(self, history: int, uniform_mix: float) -> Tensor:
+        """``p(t) = (1 - m) sqrt(mean_sq_t) / sum_s sqrt(mean_sq_s) + m / (T - 1)`` with
+        ``m = uniform_mix``, float64 ``(T - 1,)``; the uniform ``1 / (T - 1)`` until every
+        ``t`` has been seen ``history`` times (or while every ``mean_sq`` is 0)."""
+        uniform = torch.full_like(self.mean_sq, 1.0 / max(self.num_steps - 1, 1))
+        root = self.mean_sq.sqrt()
+        total = root.sum()
+        if bool((self.seen < history).any()) or not bool(total > 0):
+            return uniform
+        return (1.0 - uniform_mix) * (root / total) + uniform_mix * uniform
+
+    @torch.no_grad()
+    def record(self, t: Tensor, loss: Tensor, history: int) -> None:
+        """Fold the losses ``loss`` observed at steps ``t`` (same shape, ``t`` in 2..T) into
+        ``mean_sq``: per ``t`` hit, ``mean_sq <- (1 - 1/history) mean_sq + (1/history) m_t``
+        with ``m_t`` the batch mean of ``L_t^2`` (``mean_sq <- m_t`` at the first sighting)."""
+        # the per-t sums on the CPU, where index_add_ is deterministic (CUDA's uses atomics)
+        idx = (t - 2).reshape(-1).cpu()
+        sq = loss.detach().reshape(-1).to(torch.float64).cpu().square()
+        sums = torch.zeros(self.num_steps - 1, dtype=torch.float64).index_add_(0, idx, sq)
+        counts = torch.zeros(self.num_steps - 1, dtype=torch.int64).index_add_(
+            0, idx, torch.ones_like(idx)
+        )
+        sums, counts = sums.to(self.mean_sq.device), counts.to(self.seen.device)
+        hit = counts > 0
+        mean = sums / counts.clamp(min=1)
+        rate = 1.0 / history
+        update = torch.where(self.seen == 0, mean, (1 - rate) * self.mean_sq + rate * mean)
+        self.mean_sq.copy_(torch.where(hit, update, self.mean_sq))
+        self.seen.add_(counts)
+
+    def extra_repr(self) -> str:
+        return f"num_steps={self.num_steps}"
+
+
 class DenoisingMatchingELBO(ELBO):
     """The denoising-matching ELBO (module docstring), per sample.
 
@@ -88,9 +148,25 @@ class DenoisingMatchingELBO(ELBO):
     :param proposal: with ``importance``, a fixed ``p(t)`` for ``t = 2..T`` (``T - 1``
         positive numbers, normalised here). Without it the sampler is loss-aware (Nichol &
         Dhariwal 2021, sec. 3.3): ``p(t) ∝ sqrt(E[L_t^2])`` from an exponential average of the
-        KLs this estimator has seen, mixed with ``uniform_mix`` of the uniform distribution;
-        uniform until every ``t`` has been seen ``history`` times.
+        KLs ``L_t`` seen in training mode (``model.training``; as BatchNorm's running
+        statistics, evaluation reads ``p(t)`` but does not change it), mixed with
+        ``uniform_mix`` of the uniform distribution; uniform until every ``t`` has been seen
+        ``history`` times.
+    :param moments: where the loss-aware sampler keeps ``E[L_t^2]``: a
+        :class:`LossSecondMoments` owned by a model (the VDM's default estimator with
+        ``t_sampler="importance"`` uses ``model.loss_moments``, so the statistics are in
+        ``model.state_dict()``, in checkpoints and in the EMA copy). ``None``: the estimator
+        keeps its own, which lives as long as this object (an estimator created by name, as in
+        ``model.elbo(x, "denoising_matching", sampler="importance")``, starts afresh at each call).
     :param chunk: steps per batched network call in exact mode (default: about 2048 rows).
+
+    Under DDP the trainer's ``DistributedDataParallel`` broadcasts the model's buffers from
+    rank 0 before each forward pass (its buffer sync, on by default), so with the model's
+    ``moments`` every rank draws ``t`` from the same ``p(t)``, learned from rank 0's shard only
+    (the other ranks' updates are overwritten at the next step); a checkpoint (rank 0's state)
+    resumes it exactly. Without that sync, or with an estimator keeping its own statistics,
+    each rank's ``p(t)`` follows its own shard and they drift apart. Either way the estimate is
+    unbiased on every rank, as it is for any ``p(t) > 0``.
     """
 
     name = "denoising_matching"
@@ -104,6 +180,7 @@ class DenoisingMatchingELBO(ELBO):
         history: int = 10,
         uniform_mix: float = 0.01,
         chunk: int | None = None,
+        moments: LossSecondMoments | None = None,
     ) -> None:
         if t_samples is not None and (
             not isinstance(t_samples, int) or isinstance(t_samples, bool) or t_samples < 1
@@ -123,6 +200,15 @@ class DenoisingMatchingELBO(ELBO):
             raise InvalidParameterError(f"history must be an integer >= 1, got {history!r}")
         if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
             raise InvalidParameterError(f"chunk must be an integer >= 1, got {chunk!r}")
+        if moments is not None and not isinstance(moments, LossSecondMoments):
+            raise InvalidParameterError(
+                f"moments must be a LossSecondMoments (or None), got {type(moments).__name__}"
+            )
+        if moments is not None and (sampler != "importance" or proposal is not None):
+            raise InvalidParameterError(
+                "moments are the loss-aware sampler's statistics: they need "
+                "sampler='importance' and no proposal"
+            )
         self.t_samples = None if exact else t_samples
         self.sampler = sampler
         self.proposal = None if proposal is None else torch.as_tensor(proposal, dtype=torch.float64)
@@ -133,8 +219,9 @@ class DenoisingMatchingELBO(ELBO):
                 "proposal must be a 1-D sequence of positive numbers, one per t = 2..T"
             )
         self.history, self.uniform_mix, self.chunk = history, uniform_mix, chunk
-        self._sq: Tensor | None = None  # (T-1,) running E[L_t^2] of the loss-aware sampler
-        self._seen: Tensor | None = None  # (T-1,) how often each t was seen
+        #: the loss-aware sampler's statistics: a model's (shared) or this estimator's own
+        self.moments = moments
+        self._owns_moments = moments is None
 
     def __call__(self, model: VDM, x: Tensor) -> ELBOTerms:
         encoder = getattr(model, "encoder", None)
@@ -189,31 +276,26 @@ class DenoisingMatchingELBO(ELBO):
                     f"proposal has {self.proposal.numel()} entries; this model needs T - 1 = {num_steps - 1}"
                 )
             return (self.proposal / self.proposal.sum()).to(device)
-        if (
-            self._sq is None
-            or self._sq.numel() != num_steps - 1
-            or bool((self._seen < self.history).any())
-        ):
+        moments = self._moments(num_steps, create=False)
+        if moments is None:
             return uniform
-        p = self._sq.to(device).sqrt()
-        p = p / p.sum()
-        return (1.0 - self.uniform_mix) * p + self.uniform_mix * uniform
+        return moments.probabilities(self.history, self.uniform_mix).to(device)
 
-    def _record(self, t: Tensor, kl: Tensor, num_steps: int) -> None:
-        """Update the loss-aware sampler's running ``E[L_t^2]`` with this batch's KLs."""
-        if self._sq is None or self._sq.numel() != num_steps - 1:
-            self._sq = torch.zeros(num_steps - 1, dtype=torch.float64)
-            self._seen = torch.zeros(num_steps - 1, dtype=torch.long)
-        idx = (t - 2).reshape(-1).cpu()
-        sq = kl.detach().reshape(-1).to(torch.float64).cpu().square()
-        sums = torch.zeros_like(self._sq).index_add_(0, idx, sq)
-        counts = torch.zeros_like(self._seen).index_add_(0, idx, torch.ones_like(idx))
-        hit = counts > 0
-        mean = sums[hit] / counts[hit]
-        rate = 1.0 / self.history
-        old = self._sq[hit]
-        self._sq[hit] = torch.where(self._seen[hit] == 0, mean, (1 - rate) * old + rate * mean)
-        self._seen += counts
+    def _moments(self, num_steps: int, *, create: bool) -> LossSecondMoments | None:
+        """The statistics for a chain of ``num_steps`` steps: a model's must match it; this
+        estimator's own are (re)started for it when ``create``."""
+        moments = self.moments
+        if moments is not None and moments.num_steps == num_steps:
+            return moments
+        if not self._owns_moments:
+            raise InvalidParameterError(
+                f"this estimator's loss-aware statistics are for T = {moments.num_steps} steps "
+                f"(the model that owns them); this model has T = {num_steps}: use that model, "
+                "or an estimator without moments"
+            )
+        if create:
+            self.moments = LossSecondMoments(num_steps)
+        return self.moments if create else None
 
     def _sampled_steps(
         self, model: VDM, x: Tensor, num_steps: int, k: int
@@ -230,6 +312,7 @@ class DenoisingMatchingELBO(ELBO):
         weight = (1.0 / p[t - 2]).to(x.dtype)  # (k, B): 1 / p(t)
         kl, sq = denoising_kl(model, _repeat(x, k), t.reshape(-1))
         kl, sq = kl.view(k, b), sq.view(k, b)
-        if self.sampler == "importance" and self.proposal is None:
-            self._record(t, kl, num_steps)
+        if self.sampler == "importance" and self.proposal is None and model.training:
+            moments = self._moments(num_steps, create=True)
+            moments.record(t, kl, self.history)
         return (weight * kl).mean(0), (weight * sq).mean(0)

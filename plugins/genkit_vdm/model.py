@@ -77,9 +77,14 @@ class VDMConfig:
     likelihood: str = attrs.field(
         default="auto", validator=v.in_(("auto", "discretized_gaussian", "gaussian"))
     )
-    #: The default estimator (``elbo(x)``): steps t drawn per example, and how.
+    #: The default estimator (``elbo(x)``): steps t drawn per example, and how. With
+    #: ``importance`` the loss-aware sampler's statistics are the model's buffers
+    #: ``loss_moments.mean_sq`` / ``loss_moments.seen`` (in ``state_dict()``).
     t_samples: int = attrs.field(default=1, validator=v.ge(1))
     t_sampler: str = attrs.field(default="uniform", validator=v.in_(("uniform", "importance")))
+    #: With ``importance``: observations per ``t`` before ``p(t)`` leaves the uniform, and the
+    #: exponential average's horizon (its rate is ``1 / t_history``).
+    t_history: int = attrs.field(default=10, validator=v.ge(1))
     #: Clip ``x0_hat`` to [-1, 1] when sampling images (never inside the ELBO).
     clip_denoised: bool = True
 
@@ -220,7 +225,11 @@ class VDM(LatentVariableModel):
     (``z_t = x_t``), so the shared ``consistency`` estimator works on it unchanged.
 
     Parts: ``encoder`` (the fixed forward process), ``decoder`` (the learned reverse process,
-    owning ``net``), ``prior`` (``N(0, I)`` over the data shape).
+    owning ``net``), ``prior`` (``N(0, I)`` over the data shape). With
+    ``t_sampler="importance"`` also ``loss_moments``, the loss-aware sampler's ``E[L_t^2]``
+    and counts for ``t = 2..T`` as persistent buffers (float64 and int64, ``(T - 1,)``) that
+    the default estimator reads and updates in training mode: they are saved and restored with
+    ``state_dict()``, so a resumed run draws ``t`` as the uninterrupted one; otherwise ``None``.
     """
 
     default_estimator = "denoising_matching"
@@ -232,7 +241,7 @@ class VDM(LatentVariableModel):
         net: nn.Module | None = None,
     ) -> None:
         super().__init__(data_shape)
-        from genkit_vdm.estimators import DenoisingMatchingELBO
+        from genkit_vdm.estimators import DenoisingMatchingELBO, LossSecondMoments
 
         self.config = cfg = config or VDMConfig()
         self.encoder = DiscreteForwardProcess(build_schedule(cfg))
@@ -244,17 +253,29 @@ class VDM(LatentVariableModel):
             lik,
         )
         self.prior = StandardNormalPrior(self.data_shape)
+        importance = cfg.t_sampler == "importance"
+        self.loss_moments = LossSecondMoments(cfg.timesteps) if importance else None
         self.default_estimator = DenoisingMatchingELBO(
-            t_samples=cfg.t_samples, sampler=cfg.t_sampler
+            t_samples=cfg.t_samples,
+            sampler=cfg.t_sampler,
+            history=cfg.t_history,
+            moments=self.loss_moments,
         )
 
     def elbo(self, x: Tensor, estimator: str | ELBO | None = None, **params: Any) -> ELBOTerms:
         """The ELBO of ``x: (B, *data_shape)`` by ``estimator``: ``denoising_matching`` (default)
         or ``consistency`` (the shared Markov-chain estimator), with its ``params``, e.g.
         ``elbo(x, t_samples=None)`` for the exact sum over t. Without ``params`` the default
-        estimator is the model's own instance (it keeps the importance sampler's statistics)."""
+        estimator is the model's own instance, which reads and updates ``loss_moments``; with
+        ``params`` (or by name) a new estimator is built for the call, with statistics of its
+        own that last only that call."""
         if estimator is None and params:
-            settings = {"t_samples": self.config.t_samples, "sampler": self.config.t_sampler}
+            cfg = self.config
+            settings = {
+                "t_samples": cfg.t_samples,
+                "sampler": cfg.t_sampler,
+                "history": cfg.t_history,
+            }
             return super().elbo(x, "denoising_matching", **{**settings, **params})
         return super().elbo(x, estimator, **params)
 

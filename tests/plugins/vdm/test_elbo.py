@@ -243,7 +243,7 @@ def test_loss_aware_importance_sampler_adapts_and_stays_unbiased():
     m2 = _vdm(timesteps=8, t_sampler="importance")
     m2.elbo(x)
     m2.elbo(x.repeat(3, 1, 1, 1))
-    assert m2.default_estimator._seen.sum().item() == 4
+    assert m2.loss_moments.seen.sum().item() == 4
 
 
 class OffsetAtFirstStep(RandomEps):
