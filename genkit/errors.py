@@ -39,6 +39,12 @@ class DataError(GenkitError):
     """A data file or source that cannot be read as the layout requires."""
 
 
+class OutputError(GenkitError, OSError):
+    """An output that cannot be written: a checkpoint, run config, image grid, samples or data
+    file whose folder is missing or not writable, a disk that is full, or (without ``force``)
+    a path that already exists. Also an ``OSError``, so ``except OSError`` works too."""
+
+
 class CheckpointError(GenkitError):
     """A checkpoint that is missing, corrupt, truncated or belongs to another model."""
 

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pluggy
+
+if TYPE_CHECKING:
+    from genkit.training.trainer import EvalResult
 
 hookspec = pluggy.HookspecMarker("genkit")
 hookimpl = pluggy.HookimplMarker("genkit")
@@ -103,7 +106,10 @@ def on_step_end(trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
     :param step: the number of optimisation steps done so far (1 after the first).
     :param metrics: means over the steps since the last call: every ELBO term and extra by
         name, ``elbo`` (the unweighted sum of the terms), ``bits_per_dim``, ``objective``
-        (the weighted loss minimised), ``grad_norm`` (before clipping) and ``lr``.
+        (the weighted loss minimised), ``grad_norm`` (before clipping) and ``lr``. Under DDP
+        (``torchrun``) every value is also averaged over the processes, so the terms are
+        those of the global batch, not rank 0's share. ``lr`` is the learning rate the last
+        of those steps used (not the one the scheduler has since moved on to).
     """
 
 
@@ -125,4 +131,25 @@ def on_checkpoint(trainer: Any, step: int, path: Path) -> None:
     :param trainer: the running trainer.
     :param step: the step the checkpoint holds.
     :param path: the checkpoint file.
+    """
+
+
+@hookspec
+def on_train_end(trainer: Any, step: int, result: EvalResult | None) -> None:
+    """Called once when ``Trainer.fit()`` ends, on the process that logs (rank 0), before the
+    trainer closes its TensorBoard writer: the place for a logger plugin to flush and close.
+
+    It is called however the run ends: after the final checkpoint and test evaluation; after
+    the checkpoint of a run stopped by SIGINT/SIGTERM (``trainer.interrupted`` names the
+    signal); and, before the error propagates, when the run stops on an error such as a
+    non-finite loss (:class:`genkit.errors.NonFiniteError`). Not called if ``fit()`` failed
+    before ``on_train_start``, nor on a second SIGINT (``KeyboardInterrupt``, which stops at
+    once).
+
+    :param trainer: the trainer; ``trainer.log_scalar`` still writes.
+    :param step: the number of optimisation steps done (``trainer.step``). A non-finite value
+        is caught before its update on the CPU, so ``step`` is then that of the last good
+        step; on a GPU it is found at the next sync, and ``step`` counts up to that sync.
+    :param result: the final test :class:`genkit.training.EvalResult` (EMA weights); ``None``
+        when there is no test split, the run was stopped by a signal, or it ended on an error.
     """

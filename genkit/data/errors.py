@@ -4,6 +4,7 @@ one-line message and exits 1) and also the matching built-in exception where one
 
 from __future__ import annotations
 
+from genkit import errors
 from genkit.errors import DataError
 
 
@@ -32,5 +33,8 @@ class SourceFormatError(DataError, ValueError):
     """A conversion source in a format genkit cannot read (bad IDX header, unknown keys, ...)."""
 
 
-class OutputError(DataError, OSError):
-    """An output path that exists (without ``force``) or a folder that cannot be written."""
+class OutputError(DataError, errors.OutputError):
+    """An output path that exists (without ``force``) or a folder that cannot be written.
+
+    A :class:`genkit.errors.OutputError` (what the trainer raises for its outputs) and, as
+    before, a :class:`DataError` and an ``OSError``."""

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from genkit.errors import CheckpointError
+from genkit.errors import CheckpointError, OutputError
 
 #: Version of the checkpoint layout, stored in every file.
 FORMAT = 1
@@ -53,10 +53,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def write_atomic(path: Path, write: Callable[[BinaryIO], None], *, what: str = "file") -> Path:
     """Call ``write(f)`` on a temporary file beside ``path``, flush it to disk and rename it
     to ``path`` (``os.replace``): ``path`` is then either its old self or complete, never
-    half-written. A folder or file that cannot be written is an :class:`OutputError` naming
-    ``path`` (the temporary file is removed)."""
-    from genkit.data.errors import OutputError
-
+    half-written. A folder or file that cannot be written is a
+    :class:`~genkit.errors.OutputError` naming ``path`` (the temporary file is removed)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -40,16 +40,25 @@ def data_spec(data: str) -> str:
     return data if data.startswith("builtin:") else str(Path(data).expanduser().resolve())
 
 
-def _open(spec: str, split: str, required: bool = True):
+def _open(spec: str, split: str, required: bool = True, cache_dir: Path | None = None):
     from genkit.data import open_dataset
 
     try:
-        return open_dataset(spec, split)
+        return open_dataset(spec, split, cache_dir=cache_dir)
     except DataError as exc:
         if required or not isinstance(exc, KeyError):
             raise
         click.echo(f"warning: no '{split}' split in {spec} ({exc}); skipping evaluation", err=True)
         return None
+
+
+#: ``--cache-dir``, as ``genkit data info`` has it: where ``builtin:NAME`` is converted to HDF5.
+CACHE_DIR = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Built-in dataset cache (default $GENKIT_CACHE/datasets or ~/.cache/genkit/datasets).",
+)
 
 
 @click.command("train")
@@ -67,6 +76,7 @@ def _open(spec: str, split: str, required: bool = True):
     "--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint."
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no final table.")
+@CACHE_DIR
 def train(
     model_name: str | None,
     data: str | None,
@@ -74,6 +84,7 @@ def train(
     overrides: tuple[str, ...],
     resume: bool,
     quiet: bool,
+    cache_dir: Path | None,
 ) -> None:
     """Train a model by its ELBO; ends with a test evaluation table.
 
@@ -107,8 +118,8 @@ def train(
 
     info = distributed.init_from_env(config.device)
     try:
-        train_ds = _open(spec, "train")
-        test_ds = _open(spec, "test", required=False)
+        train_ds = _open(spec, "train", cache_dir=cache_dir)
+        test_ds = _open(spec, "test", required=False, cache_dir=cache_dir)
         torch.manual_seed(config.seed)  # the same initial weights on every rank and run
         model = create_model(model_name, tuple(train_ds.data_shape), **model_params)
         trainer = Trainer(
@@ -163,6 +174,7 @@ def load_run(
 @click.option("--no-ema", is_flag=True, help="Evaluate the raw weights instead of the EMA.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@CACHE_DIR
 def eval_(
     run_dir: Path,
     estimator: str | None,
@@ -173,6 +185,7 @@ def eval_(
     no_ema: bool,
     seed: int,
     device: str,
+    cache_dir: Path | None,
 ) -> None:
     """Test ELBO terms and bits/dim with standard errors (EMA weights).
 
@@ -188,7 +201,7 @@ def eval_(
         estimator = info["train"].get("eval_estimator")
         if not params:
             estimator_params = dict(info["train"].get("eval_estimator_params") or {})
-    dataset = _open(info["data"], split)
+    dataset = _open(info["data"], split, cache_dir=cache_dir)
     torch.manual_seed(seed)
     result = evaluate_model(
         model,

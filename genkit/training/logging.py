@@ -72,7 +72,7 @@ def image_grid(x: Tensor, ncol: int | None = None) -> np.ndarray:
 
 def save_png(grid: np.ndarray, path: Path) -> Path:
     """Write a ``(H, W, C)`` uint8 grid as a PNG (grey for C = 1), atomically (an unwritable
-    ``path`` is an :class:`~genkit.data.errors.OutputError`)."""
+    ``path`` is an :class:`~genkit.errors.OutputError`)."""
     from PIL import Image
 
     from genkit.training.checkpoint import write_atomic

@@ -6,6 +6,14 @@ ELBO ``-(sum_k w_k terms_k + sum_j w_j extras_j)`` (weights from ``objective_wei
 (or constant) learning rate, gradient clipping and an EMA of the weights. What is logged and
 reported as the ELBO is always the unweighted ``total = sum_k terms_k``; evaluation uses the
 EMA weights.
+
+torch.distributions checks every distribution's arguments as it is built, which costs a
+device-to-host sync per distribution and turns a NaN parameter into torch's ``ValueError``.
+The first training step runs with those checks on (so data off a likelihood's support is a
+clear :class:`~genkit.errors.InvalidParameterError`), later steps with them off
+(:func:`distribution_validation`), so a NaN is the trainer's
+:class:`~genkit.errors.NonFiniteError` naming the step and the term. Each step puts the
+process-wide default back; evaluation runs under it.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import attrs
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.distributions import Distribution
 from torch.utils.data import DataLoader, Dataset
 
 from genkit.elbo import LN2, ELBOTerms
@@ -54,6 +63,19 @@ class EvalResult:
         """``(name, nats, standard error)`` for each term, extra and the total ``elbo``."""
         names = [*self.terms, *self.extras, "elbo"]
         return [(n, self.means[n], self.stderrs[n]) for n in names]
+
+
+@contextlib.contextmanager
+def distribution_validation(enabled: bool) -> Iterator[None]:
+    """Inside the block, torch.distributions validates arguments by default iff ``enabled``
+    (``Distribution.set_default_validate_args``); on leaving it, normally or by an exception,
+    the previous default is restored."""
+    before = Distribution._validate_args
+    Distribution.set_default_validate_args(enabled)
+    try:
+        yield
+    finally:
+        Distribution.set_default_validate_args(before)
 
 
 def batch_tensor(batch: Any) -> Tensor:
@@ -223,9 +245,12 @@ class Trainer:
         self._buffer_pairs = list(zip(self.ema_model.buffers(), self.model.buffers(), strict=True))
         if config.compile:
             # compile the model's sub-networks in place: dynamo cannot trace the frozen attrs
-            # ELBOTerms that elbo() builds, and in-place compilation keeps state_dict keys
-            for child in self.model.children():
-                child.compile()
+            # ELBOTerms that elbo() builds, and in-place compilation keeps state_dict keys.
+            # The first torch.compile of a process turns torch.distributions' argument
+            # validation off for the whole process (dynamo's TorchPatcher): put it back.
+            with distribution_validation(Distribution._validate_args):
+                for child in self.model.children():
+                    child.compile()
         forward: nn.Module = distributed.ELBOModule(self.model)
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -261,6 +286,8 @@ class Trainer:
         self._term_names: list[str] = []
         self._extra_names: list[str] = []
         self._eager_checks = self.device.type == "cpu"  # a CPU check costs no GPU sync
+        self._args_validated = False  # whether a step has run with torch's argument checks
+        self._train_started = False  # on_train_start was called: on_train_end is owed
         self._bad_step: Tensor | None = None
         self._bad_mask: Tensor | None = None
         self._stop_signal: int | None = None
@@ -285,20 +312,19 @@ class Trainer:
         split with the EMA weights. ``resume`` first restores the run dir's latest checkpoint.
 
         SIGINT/SIGTERM stop the run after the current step with a checkpoint
-        (``self.interrupted`` names the signal) and return ``None``.
+        (``self.interrupted`` names the signal) and return ``None``. However the run ends
+        (finished, stopped by a signal, or raising, e.g. :class:`NonFiniteError`), plugins get
+        ``on_train_end(trainer, step, result)`` before the loggers close.
         """
+        self._train_started = False
         self.start(resume=resume)
         try:
-            with self._signals():
-                self.train(self.total_steps)
-            if self.interrupted:
-                return None
-            if self.step != self._checkpointed_step:
-                self.save_checkpoint()
-            result = self.evaluate_detailed() if self.test_dataset is not None else None
-            if result is not None and self.is_main:
-                self.logger.scalars("eval", result.means, self.step)
-                self._call_hook("on_eval_end", trainer=self, step=self.step, metrics=result.means)
+            result = self._finish() if self._train_to_end() else None
+        except Exception:
+            self._end_hook(None)
+            raise
+        else:
+            self._end_hook(result)
             return result
         finally:
             self.close()
@@ -329,6 +355,7 @@ class Trainer:
                 purge_step=self.step + 1 if self.step else None,
             )
             self.logger.config(self._describe())
+        self._train_started = True
         self._call_hook("on_train_start", trainer=self)
 
     def close(self) -> None:
@@ -364,8 +391,9 @@ class Trainer:
     def train_step(self, x: Tensor) -> None:
         """One optimisation step on the batch ``x: (B, *data_shape)`` (this process's share)."""
         x = x.to(self.device, non_blocking=True)
-        with self._autocast():
+        with self._argument_checks(), self._autocast():
             terms, extras = self._forward(x)
+        self._args_validated = True
         out = ELBOTerms(
             terms={k: v.float() for k, v in terms.items()},
             extras={k: v.float() for k, v in extras.items()},
@@ -568,6 +596,36 @@ class Trainer:
         if self.config.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def _argument_checks(self) -> contextlib.AbstractContextManager:
+        """torch.distributions' argument validation on for the first step, whatever the
+        process-wide default (off-grid data is a clear error), off after it (no device sync
+        per distribution; a NaN parameter reaches the non-finite check)."""
+        return distribution_validation(not self._args_validated)
+
+    def _train_to_end(self) -> bool:
+        """Train to ``total_steps`` under the signal handlers; ``False`` if a signal stopped
+        the run (after its checkpoint)."""
+        with self._signals():
+            self.train(self.total_steps)
+        return not self.interrupted
+
+    def _finish(self) -> EvalResult | None:
+        """The last checkpoint, then the test split with the EMA weights (and
+        ``on_eval_end``)."""
+        if self.step != self._checkpointed_step:
+            self.save_checkpoint()
+        result = self.evaluate_detailed() if self.test_dataset is not None else None
+        if result is not None and self.is_main:
+            self.logger.scalars("eval", result.means, self.step)
+            self._call_hook("on_eval_end", trainer=self, step=self.step, metrics=result.means)
+        return result
+
+    def _end_hook(self, result: EvalResult | None) -> None:
+        """``on_train_end`` once per run that called ``on_train_start``."""
+        if self._train_started:
+            self._train_started = False
+            self._call_hook("on_train_end", trainer=self, step=self.step, result=result)
 
     @contextlib.contextmanager
     def _private_rng(self, seed: int) -> Iterator[None]:
