@@ -60,9 +60,10 @@ class EvalResult:
     extras: list[str]
 
     def rows(self) -> list[tuple[str, float, float]]:
-        """``(name, nats, standard error)`` for each term, extra and the total ``elbo``."""
-        names = [*self.terms, *self.extras, "elbo"]
-        return [(n, self.means[n], self.stderrs[n]) for n in names]
+        """``(name, nats, standard error)`` for each term, the total ``elbo`` (their sum), then
+        each extra (not part of the sum), named ``extra: NAME``."""
+        rows = [(n, self.means[n], self.stderrs[n]) for n in [*self.terms, "elbo"]]
+        return rows + [(f"extra: {n}", self.means[n], self.stderrs[n]) for n in self.extras]
 
 
 @contextlib.contextmanager

@@ -186,7 +186,8 @@ class DenoisingMatchingELBO(ELBO):
             not isinstance(t_samples, int) or isinstance(t_samples, bool) or t_samples < 1
         ):
             raise InvalidParameterError(
-                f"t_samples must be None (every t) or an integer >= 1, got {t_samples!r}"
+                f"t_samples must be an integer >= 1 or None (every t; on the command line: "
+                f"exact=true), got {t_samples!r}"
             )
         if sampler not in SAMPLERS:
             raise InvalidParameterError(

@@ -405,3 +405,22 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_the_run(images, eager):
     if eager:  # checked before the update: the weights are still those of step 2
         assert trainer.step == 2 and "reconstruction=" in str(err.value)
         assert torch.isfinite(flat_params(trainer.model)).all()
+
+
+def test_eval_table_puts_the_elbo_under_its_terms_and_extras_after_it():
+    from genkit.training.logging import format_table
+    from genkit.training.trainer import EvalResult
+
+    means = {"reconstruction": -3.0, "prior_matching": -1.0, "simple": -7.0, "elbo": -4.0}
+    result = EvalResult(
+        means={**means, "bits_per_dim": 0.0},
+        stderrs={k: 0.1 for k in [*means, "bits_per_dim"]},
+        count=10,
+        num_dims=4,
+        terms=["reconstruction", "prior_matching"],
+        extras=["simple"],
+    )
+    names = [row[0] for row in result.rows()]
+    assert names == ["reconstruction", "prior_matching", "elbo", "extra: simple"]
+    table = format_table(result.rows(), result.num_dims).splitlines()
+    assert table[3].startswith("elbo") and table[4].startswith("extra: simple")
