@@ -25,15 +25,6 @@ F32 = {"rtol": 1.3e-6, "atol": 1e-5}
 LIKELIHOOD_CLAMP, GAUSSIAN_CLAMP = (MIN_LOG_SCALE, 7.0), (-10.0, 5.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run fastest on one thread, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _images(n: int = 8, seed: int = 0, shape: tuple[int, ...] = (1, 8, 8)) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     return to_model_scale(torch.randint(0, 256, (n, *shape), generator=g))

@@ -13,15 +13,6 @@ from genkit.distributions import to_model_scale
 from genkit.markov import ConsistencyELBO, MarkovChain, active_units
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared machine stays usable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _images(n=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return to_model_scale(torch.randint(0, 256, (n, 1, 8, 8), generator=g))

@@ -19,14 +19,3 @@ def catalog():
     from genkit.registry import make_plugin_manager
 
     return make_plugin_manager()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared 2-core machine stays usable."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
