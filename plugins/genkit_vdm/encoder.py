@@ -91,16 +91,17 @@ class DiscreteForwardProcess(Encoder):
     def q_step(self, x_prev: Tensor, t: Tensor | int) -> Distribution:
         """``q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, (1 - alpha_t) I)``, ``x_prev: (B, ...)``."""
         t = self.steps(t, x_prev.shape[0])
-        a = expand_like(self.alphas[t], x_prev)
-        return diagonal_normal(
-            a.sqrt() * x_prev, (1.0 - a).sqrt().expand_as(x_prev), x_prev.dim() - 1
-        )
+        # sqrt(alpha_t) and sqrt(1 - alpha_t) from the float64 tables, then cast to x's dtype
+        gain = expand_like(self.alphas[t].sqrt(), x_prev)
+        std = expand_like(self.betas[t].sqrt(), x_prev)
+        return diagonal_normal(gain * x_prev, std.expand_as(x_prev), x_prev.dim() - 1)
 
     def q_marginal(self, x0: Tensor, t: Tensor | int) -> Distribution:
         """``q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)``, ``x0: (B, ...)``."""
         t = self.steps(t, x0.shape[0])
-        ab = expand_like(self.alpha_bars[t], x0)
-        return diagonal_normal(ab.sqrt() * x0, (1.0 - ab).sqrt().expand_as(x0), x0.dim() - 1)
+        ab = self.alpha_bars[t]  # float64: 1 - alpha_bar keeps its digits at small t
+        gain, std = expand_like(ab.sqrt(), x0), expand_like((1.0 - ab).sqrt(), x0)
+        return diagonal_normal(gain * x0, std.expand_as(x0), x0.dim() - 1)
 
     def posterior_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """For steps ``t: (B,)`` in ``1..T``: the coefficients of ``x_0`` and ``x_t`` in

@@ -89,10 +89,19 @@ class VDMConfig:
     clip_denoised: bool = True
 
 
+#: The continuous-time schedules of DESIGN.md (log-SNR linear in t, and learned): not built yet.
+CONTINUOUS_SCHEDULES = ("fixed_linear", "learned")
+
+
 def build_schedule(cfg: VDMConfig) -> DiscreteSchedule:
     """The schedule ``cfg.schedule`` built through the catalogue (``register_schedules``)."""
     from genkit.registry import get_catalog
 
+    if cfg.schedule in CONTINUOUS_SCHEDULES:
+        raise InvalidParameterError(
+            f"model 'vdm': schedule '{cfg.schedule}' is a continuous-time schedule, which is not "
+            "available yet; use a discrete one ('linear', 'cosine') with timesteps >= 1"
+        )
     if cfg.timesteps == 0:
         raise InvalidParameterError(
             "model 'vdm': timesteps=0 selects continuous time, which is not available yet; "
