@@ -292,7 +292,18 @@ def create_model(name: str, data_shape: tuple[int, ...], **params: Any):
     Raises :class:`~genkit.errors.UnknownModelError` (listing the names that exist) or
     :class:`~genkit.errors.InvalidParameterError` (naming the bad parameter and the valid ones).
     """
-    return get_catalog().build("models", name, _data_shape(data_shape), **params)
+    from genkit.model import LatentVariableModel
+
+    catalog = get_catalog()
+    model = catalog.build("models", name, _data_shape(data_shape), **params)
+    if not isinstance(model, LatentVariableModel):
+        reg = catalog.get("models", name)
+        package = catalog.sources.get(reg.plugin, ("?", "?"))[0]
+        raise PluginError(
+            f"plugin '{reg.plugin}' (package {package}): model '{name}' returned "
+            f"{type(model).__name__}, not a genkit.LatentVariableModel"
+        )
+    return model
 
 
 def _data_shape(data_shape: Any) -> tuple[int, ...]:

@@ -75,6 +75,26 @@ def test_installed_third_party_plugin_is_found(site):
     )
 
 
+def test_a_model_factory_that_returns_no_model_is_a_plugin_error(site):
+    source = """
+import genkit
+
+
+@genkit.hookimpl
+def register_models(register):
+    register("not-a-model", lambda shape: None)
+"""
+    install_fake_distribution(
+        site, "genkit-nomodel", {"thirdparty_nomodel": source}, {"nomodel": "thirdparty_nomodel"}
+    )
+    with pytest.raises(
+        genkit.PluginError,
+        match=r"plugin 'nomodel' \(package genkit-nomodel\): model 'not-a-model' returned "
+        r"NoneType, not a genkit\.LatentVariableModel",
+    ):
+        genkit.create_model("not-a-model", (1, 8, 8))
+
+
 def test_broken_plugins_are_reported_and_do_not_hide_the_rest(site):
     install_fake_distribution(
         site,
