@@ -4,9 +4,7 @@
 import json
 
 import h5py
-from click.testing import CliRunner
-
-from genkit.cli import cli
+from trainhelp import invoke
 
 TINY = [
     "--set",
@@ -21,12 +19,6 @@ TINY = [
     "model.latent_dim=2",
     "-q",
 ]
-
-
-def invoke(*args, code=0):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result.output
 
 
 def test_train_and_eval_convert_the_builtin_dataset_into_cache_dir(tmp_path, monkeypatch):

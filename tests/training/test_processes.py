@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 from trainchild import Metrics
-from trainhelp import TinyModel, flat_params, tiny_images
+from trainhelp import TinyModel, ddp_config, flat_params, invoke, tiny_images
 
 from genkit.registry import make_plugin_manager
-from genkit.training import TrainConfig, Trainer
+from genkit.training import Trainer
 from genkit.training import checkpoint as ckpt
 
 HERE = Path(__file__).parent
@@ -104,15 +104,7 @@ def test_two_gloo_processes_equal_one_process_on_the_combined_batch(tmp_path):
     model = TinyModel()
     start = flat_params(model).clone()
     x = tiny_images(32, seed=3)
-    cfg = TrainConfig(
-        steps=1,
-        batch_size=32,
-        lr=0.05,
-        lr_warmup_steps=0,
-        grad_clip=0.5,
-        objective_weights={"surrogate": 0.3},
-        device="cpu",
-    )
+    cfg = ddp_config()  # what each rank of the child processes ran
     trainer = Trainer(model, cfg, x, catalog=make_plugin_manager(plugins=[rec]), progress=False)
     trainer.start()  # opens the (here file-less) logger
     trainer.train_step(x)
@@ -171,17 +163,6 @@ FEW = [
     "--set",
     "num_samples=4",
 ]
-
-
-def invoke(*args, code=0):
-    """Run the click CLI in this process (as ``genkit ARGS``)."""
-    from click.testing import CliRunner
-
-    from genkit.cli import cli
-
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result.output
 
 
 def test_cli_train_eval_sample_end_to_end(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch
-from trainhelp import TinyModel, flat_params, tiny_images, tiny_vae
+from trainhelp import TinyModel, ddp_config, flat_params, tiny_images, tiny_vae
 
 import genkit
 from genkit.registry import make_plugin_manager
@@ -91,15 +91,7 @@ def ddp_step(out: Path) -> None:
     model = TinyModel()
     x = tiny_images(32, seed=3)
     half = x.shape[0] // info.world_size
-    cfg = TrainConfig(
-        steps=1,
-        batch_size=32,
-        lr=0.05,
-        lr_warmup_steps=0,
-        grad_clip=0.5,
-        objective_weights={"surrogate": 0.3},
-        device="cpu",
-    )
+    cfg = ddp_config()
     metrics = Metrics()
     catalog = make_plugin_manager(plugins=[metrics])
     trainer = Trainer(model, cfg, x, catalog=catalog, progress=False)

@@ -14,6 +14,34 @@ from genkit.model import LatentVariableModel
 DATA_SHAPE = (1, 8, 8)
 
 
+def ddp_config():
+    """The two-process DDP test's settings: the same in each rank and in the one process that
+    takes the combined batch."""
+    from genkit.training import TrainConfig
+
+    return TrainConfig(
+        steps=1,
+        batch_size=32,
+        lr=0.05,
+        lr_warmup_steps=0,
+        grad_clip=0.5,
+        objective_weights={"surrogate": 0.3},
+        device="cpu",
+    )
+
+
+def invoke(*args, code: int = 0) -> str:
+    """Run the click CLI in this process (as ``genkit ARGS``), check the exit code, return the
+    output."""
+    from click.testing import CliRunner
+
+    from genkit.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result.output
+
+
 def tiny_images(n: int = 96, seed: int = 0, shape: tuple[int, ...] = DATA_SHAPE) -> Tensor:
     """``n`` images of 8-bit data on the model scale ``k / 127.5 - 1``: a few noisy blobs, so
     a VAE has something to learn."""
