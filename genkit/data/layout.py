@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import h5py
 import numpy as np
 
 from genkit.data.errors import LayoutError, OutputError
+from genkit.files import replaced_atomically
 
 #: Bumped when the on-disk layout changes incompatibly.
 LAYOUT_VERSION = 1
@@ -192,9 +192,8 @@ def write_h5(
             float(min(s.data.min() for s in splits.values())),
             float(max(s.data.max() for s in splits.values())),
         ]
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        with h5py.File(tmp, "w") as f:
+        with replaced_atomically(out) as tmp, h5py.File(tmp, "w") as f:
             f.attrs["layout_version"] = LAYOUT_VERSION
             f.attrs["kind"] = kind
             f.attrs["value_range"] = np.asarray(value_range)
@@ -216,14 +215,10 @@ def write_h5(
                 )
                 if split.labels is not None:
                     group.create_dataset(LABELS, data=split.labels)
-        os.replace(tmp, out)
     except PermissionError as exc:
         raise OutputError(
             f"output folder '{out.parent}' is not writable ({exc.strerror})"
         ) from None
     except OSError as exc:
         raise OutputError(f"cannot write '{out}': {exc}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out

@@ -10,7 +10,6 @@ run killed at any moment leaves either the old set of checkpoints or the new one
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import re
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from genkit.errors import CheckpointError, OutputError
+from genkit.files import replaced_atomically
 
 #: Version of the checkpoint layout, stored in every file.
 FORMAT = 1
@@ -56,19 +56,14 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None], *, what: str = "
     half-written. A folder or file that cannot be written is a
     :class:`~genkit.errors.OutputError` naming ``path`` (the temporary file is removed)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with replaced_atomically(path) as tmp, open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as exc:
         raise OutputError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
     return path
 
 
