@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 
@@ -83,11 +83,6 @@ def find_chain(model: object, estimator: str = "consistency") -> MarkovChain:
 def _levels(t: int, like: Tensor) -> Tensor:
     """The level ``t`` for every example of ``like``: a LongTensor ``(B,)``."""
     return torch.full((like.shape[0],), t, dtype=torch.long, device=like.device)
-
-
-def _repeat(x: Tensor, k: int) -> Tensor:
-    """``x: (B, ...)`` -> ``(k*B, ...)``, copy ``j`` of example ``b`` at row ``j*B + b``."""
-    return x.repeat(k, *[1] * (x.dim() - 1))
 
 
 def _rsample(q: Distribution, what: str) -> Tensor:
@@ -277,7 +272,7 @@ class ConsistencyELBO(ELBO):
 
         t, weight = self._draw_levels(x, num_latents, k)  # (k, B) each
         t_rows = t.reshape(-1)  # row j*B + b is draw j of example b
-        x_rows = _repeat(x, k)
+        x_rows = repeat(x, "b ... -> (k b) ...", k=k)  # row j*B + b: copy j of b
         q_t = chain.q_transition(marginal(x_rows, t_rows - 1), t_rows)
         z_t = _rsample(q_t, "q_transition")
         z_next = _rsample(chain.q_transition(z_t, t_rows + 1), "q_transition")
@@ -344,7 +339,7 @@ def active_units(
     count = 0
     for x in batches:
         x = x.to(device) if device is not None else x
-        z = _repeat(x, samples)  # (S*B, ...), row s*B + b
+        z = repeat(x, "b ... -> (s b) ...", s=samples)  # (S*B, ...), row s*B + b
         for t in range(1, num_latents + 1):
             q_t = chain.q_transition(z, _levels(t, z))
             draws = rearrange(q_t.mean.double(), "(s b) ... -> s b (...)", s=samples)

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from einops import reduce
+from einops import reduce, repeat
 from torch import Tensor, nn
 from torch.distributions import kl_divergence
 
@@ -38,11 +38,6 @@ if TYPE_CHECKING:
 SAMPLERS = ("uniform", "importance")
 #: Rows (examples x steps) per network call in exact mode when ``chunk`` is not given.
 EXACT_ROWS = 2048
-
-
-def _repeat(x: Tensor, k: int) -> Tensor:
-    """``x: (B, ...)`` -> ``(k*B, ...)``; row ``j*B + b`` is copy ``j`` of example ``b``."""
-    return x.repeat(k, *[1] * (x.dim() - 1))
 
 
 def denoising_kl(model: VDM, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -258,7 +253,7 @@ class DenoisingMatchingELBO(ELBO):
         for start in range(2, num_steps + 1, chunk):
             ts = torch.arange(start, min(start + chunk, num_steps + 1), device=x.device)  # (c,)
             t_rows = ts.repeat_interleave(b)  # row j*B + b has step ts[j]
-            kl, sq = denoising_kl(model, _repeat(x, ts.numel()), t_rows)
+            kl, sq = denoising_kl(model, repeat(x, "b ... -> (c b) ...", c=ts.numel()), t_rows)
             kl_sum = kl_sum + reduce(kl, "(c b) -> b", "sum", b=b)
             sq_sum = sq_sum + reduce(sq, "(c b) -> b", "sum", b=b)
         return kl_sum, sq_sum
@@ -311,7 +306,7 @@ class DenoisingMatchingELBO(ELBO):
         else:
             t = torch.multinomial(p.float(), k * b, replacement=True).view(k, b) + 2
         weight = (1.0 / p[t - 2]).to(x.dtype)  # (k, B): 1 / p(t)
-        kl, sq = denoising_kl(model, _repeat(x, k), t.reshape(-1))
+        kl, sq = denoising_kl(model, repeat(x, "b ... -> (k b) ...", k=k), t.reshape(-1))
         kl, sq = kl.view(k, b), sq.view(k, b)
         if self.sampler == "importance" and self.proposal is None and model.training:
             moments = self._moments(num_steps, create=True)
