@@ -88,10 +88,13 @@ class HVAEConfig:
     depth: int = attrs.field(default=2, validator=v.ge(1))
     #: Base channel count of the convolutional trunks (doubled at each halving of H and W).
     channels: int = attrs.field(default=32, validator=v.ge(1))
-    #: ``discretized_gaussian``, ``bernoulli``, ``gaussian`` or ``auto`` (by data rank).
+    #: ``discretized_gaussian``, ``discretized_logistic_mixture`` (images), ``bernoulli``,
+    #: ``gaussian`` or ``auto`` (by data rank: discretized_gaussian for images).
     likelihood: str = attrs.field(
         default="auto", validator=v.in_(("auto", *likelihoods.LIKELIHOODS))
     )
+    #: Components K of ``discretized_logistic_mixture`` (10, as NVAE on CIFAR-10).
+    mixture_components: int = attrs.field(default=likelihoods.DEFAULT_COMPONENTS, validator=v.ge(1))
     #: ``prior_matching`` as ``-KL(q(z_T|z_{T-1}) || p(z_T))`` (the default: with T = 1 it is
     #: the VAE's term, value for value) instead of the lecture's sampled
     #: ``log p(z_T) - log q(z_T|z_{T-1})`` (same expectation, more variance).
@@ -163,21 +166,27 @@ class ConvLikelihoodDecoder(Decoder):
     not rounded to bf16, whose spacing near 1 is a bin."""
 
     def __init__(
-        self, latent: int, channels: int, halvings: int, data_channels: int, lik: str
+        self,
+        latent: int,
+        channels: int,
+        halvings: int,
+        data_channels: int,
+        lik: str,
+        components: int = likelihoods.DEFAULT_COMPONENTS,
     ) -> None:
         super().__init__()
-        self.lik = lik
+        self.lik, self.components = lik, components
         ch = channels * 2**halvings
         layers: list[nn.Module] = [nn.Conv2d(latent, ch, 3, padding=1)]
         for _ in range(halvings):
             layers += [nn.SiLU(), nn.ConvTranspose2d(ch, ch // 2, 4, stride=2, padding=1)]
             ch //= 2
-        out = likelihoods.num_params(lik) * data_channels
+        out = likelihoods.num_outputs(lik, data_channels, components)
         layers += [nn.SiLU(), Float32Conv2d(ch, out, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Distribution:
-        return likelihoods.likelihood(self.lik, self.net(z), 3)
+        return likelihoods.likelihood(self.lik, self.net(z), 3, components=self.components)
 
 
 class GaussianTransition(nn.Module):
@@ -217,7 +226,7 @@ class HVAE(LatentVariableModel):
         self.config = cfg = config or HVAEConfig()
         self.latent_sizes = sizes = cfg.sizes()
         kind = net_kind(cfg.net, self.data_shape, "hvae")
-        lik = likelihoods.resolve(cfg.likelihood, self.data_shape)
+        lik = likelihoods.resolve(cfg.likelihood, self.data_shape, "hvae")
         conv = cfg.transitions == "conv"
         if conv:
             _check_conv(cfg, self.data_shape, kind)
@@ -225,7 +234,9 @@ class HVAE(LatentVariableModel):
             n = num_downsamples(h, w)
             self.latent_shapes = tuple((s, h >> n, w >> n) for s in sizes)
             self.encoder = ConvGaussianEncoder(c, cfg.channels, n, sizes[0])
-            self.decoder = ConvLikelihoodDecoder(sizes[0], cfg.channels, n, c, lik)
+            self.decoder = ConvLikelihoodDecoder(
+                sizes[0], cfg.channels, n, c, lik, cfg.mixture_components
+            )
             width = cfg.channels * 2**n  # the trunk's width at the latents' resolution
         else:
             self.latent_shapes = tuple((s,) for s in sizes)
@@ -236,6 +247,7 @@ class HVAE(LatentVariableModel):
                 depth=cfg.depth,
                 channels=cfg.channels,
                 likelihood=lik,
+                mixture_components=cfg.mixture_components,
             )
             self.encoder = GaussianEncoder(self.data_shape, bottom, kind)
             self.decoder = LikelihoodDecoder(self.data_shape, bottom, kind, lik)

@@ -41,10 +41,13 @@ class VAEConfig:
     depth: int = attrs.field(default=2, validator=v.ge(1))
     #: Base channel count of the convolutional trunks (doubled at each downsampling).
     channels: int = attrs.field(default=32, validator=v.ge(1))
-    #: ``discretized_gaussian``, ``bernoulli``, ``gaussian`` or ``auto`` (by data rank).
+    #: ``discretized_gaussian``, ``discretized_logistic_mixture`` (images), ``bernoulli``,
+    #: ``gaussian`` or ``auto`` (by data rank: discretized_gaussian for images).
     likelihood: str = attrs.field(
         default="auto", validator=v.in_(("auto", *likelihoods.LIKELIHOODS))
     )
+    #: Components K of ``discretized_logistic_mixture`` (10, as NVAE on CIFAR-10).
+    mixture_components: int = attrs.field(default=likelihoods.DEFAULT_COMPONENTS, validator=v.ge(1))
     #: Monte-Carlo samples of z for the reconstruction term of ``elbo(x)``.
     samples: int = attrs.field(default=1, validator=v.ge(1))
 
@@ -93,30 +96,35 @@ class GaussianEncoder(Encoder):
 
 
 class LikelihoodDecoder(Decoder):
-    """``p(x|z)``: a network from ``z: (B, latent_dim)`` to the likelihood's parameters, whose
-    last layer is a float32 head (:class:`genkit.nets.Float32Head`): under bf16 autocast the
-    ``loc`` of a discretized Gaussian is not rounded to bf16, whose spacing near 1 is a bin."""
+    """``p(x|z)``: a network from ``z: (B, latent_dim)`` to the likelihood's parameters
+    ``(B, P, *rest)`` for data ``(C, *rest)``, ``P = likelihoods.num_outputs(lik, C, K)`` (laid
+    out as :mod:`genkit.likelihoods` says), whose last layer is a float32 head
+    (:class:`genkit.nets.Float32Head`): under bf16 autocast the ``loc`` of a discretized
+    likelihood is not rounded to bf16, whose spacing near 1 is a bin."""
 
     def __init__(self, data_shape: tuple[int, ...], cfg: VAEConfig, kind: str, lik: str) -> None:
         super().__init__()
         self.data_shape, self.lik = data_shape, lik
-        p = likelihoods.num_params(lik)
+        self.components = cfg.mixture_components
+        c, *rest = data_shape
+        p = likelihoods.num_outputs(lik, c, self.components)
         if kind == "conv":
             self.net = ConvDecoderTrunk(
-                cfg.latent_dim, data_shape, cfg.channels, p * data_shape[0], float32_head=True
+                cfg.latent_dim, data_shape, cfg.channels, p, float32_head=True
             )
         else:
-            d = int(torch.Size(data_shape).numel())
-            self.net = mlp([cfg.latent_dim, *[cfg.hidden] * cfg.depth, p * d], float32_head=True)
+            out = p * int(torch.Size(rest).numel())
+            self.net = mlp([cfg.latent_dim, *[cfg.hidden] * cfg.depth, out], float32_head=True)
 
     def forward(self, z: Tensor) -> Distribution:
         params = self.net(z)
-        if (
-            params.dim() == 2 and len(self.data_shape) > 1
-        ):  # MLP on images: (B, P*D) -> (B, P*C, H, W)
+        if params.dim() == 2 and len(self.data_shape) > 1:
+            # MLP on images: (B, P*H*W) -> (B, P, H, W), P-major as a conv head's channels
             _, *rest = self.data_shape
             params = params.view(params.shape[0], -1, *rest)
-        return likelihoods.likelihood(self.lik, params, len(self.data_shape))
+        return likelihoods.likelihood(
+            self.lik, params, len(self.data_shape), components=self.components
+        )
 
 
 class VAE(LatentVariableModel):
@@ -126,7 +134,7 @@ class VAE(LatentVariableModel):
         super().__init__(data_shape)
         self.config = cfg = config or VAEConfig()
         kind = net_kind(cfg.net, self.data_shape)
-        lik = likelihoods.resolve(cfg.likelihood, self.data_shape)
+        lik = likelihoods.resolve(cfg.likelihood, self.data_shape, "vae")
         self.encoder = GaussianEncoder(self.data_shape, cfg, kind)
         self.decoder = LikelihoodDecoder(self.data_shape, cfg, kind, lik)
         self.prior = StandardNormalPrior((cfg.latent_dim,))

@@ -9,7 +9,7 @@ from genkit_hvae import plugin as hvae_plugin
 from torch.distributions import Independent, Normal
 
 import genkit
-from genkit.distributions import to_model_scale
+from genkit.distributions import DiscretizedLogisticMixture, to_model_scale
 from genkit.markov import ConsistencyELBO, MarkovChain, active_units
 
 
@@ -404,3 +404,56 @@ def test_training_with_kl_warm_up_logs_the_unweighted_elbo_and_the_level_kls():
 def test_registered_through_the_entry_point():
     assert "hvae" in genkit.available_models()
     assert isinstance(_hvae(), HVAE)
+
+
+MIXTURE = {"likelihood": "discretized_logistic_mixture", "mixture_components": 3}
+
+
+@pytest.mark.parametrize("transitions", ["mlp", "conv"])
+def test_logistic_mixture_reconstruction_is_the_decoder_log_prob(transitions):
+    model, x = _hvae(transitions=transitions, **MIXTURE), _images()
+    torch.manual_seed(13)
+    got = model.elbo(x).terms["reconstruction"]
+    torch.manual_seed(13)
+    z1 = model.encoder(x).rsample()  # the chain's first draw
+    base = model.decoder(z1).base_dist
+    assert isinstance(base, DiscretizedLogisticMixture) and base.loc.shape == (8, 1, 8, 8, 3)
+    # log p(x|z_1) in float64, in probability space: sum_k pi_k (sigmoid(u_k) - sigmoid(l_k))
+    xs, mu, s = x.double().unsqueeze(-1), base.loc.double(), base.scale.double()
+    upper = torch.where(xs > 1 - 1e-6, 1.0, torch.sigmoid((xs + 1 / 255 - mu) / s))
+    lower = torch.where(xs < -1 + 1e-6, 0.0, torch.sigmoid((xs - 1 / 255 - mu) / s))
+    p = (torch.softmax(base.logits.double(), -1) * (upper - lower)).sum(-1)
+    torch.testing.assert_close(got.double(), p.log().flatten(1).sum(1), rtol=1e-5, atol=0)
+
+
+def test_logistic_mixture_one_level_is_the_vae():
+    torch.manual_seed(0)
+    vae = genkit.create_model("vae", (1, 8, 8), latent_dim=4, hidden=32, channels=8, **MIXTURE)
+    hvae = _hvae(levels=1, latent_dims=4, **MIXTURE)
+    hvae.load_state_dict(vae.state_dict())  # the same decoder head: 3K outputs per pixel
+    x = _images()
+    torch.manual_seed(5)
+    want = vae.elbo(x).total
+    torch.manual_seed(5)
+    torch.testing.assert_close(hvae.elbo(x).total, want)
+
+
+@pytest.mark.parametrize("transitions", ["mlp", "conv"])
+def test_logistic_mixture_training_raises_the_elbo_and_samples_are_8_bit(transitions):
+    model, x = _hvae(transitions=transitions, **MIXTURE), _images(n=16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        before = model.elbo(x.repeat(8, 1, 1, 1)).total.mean()
+    for _ in range(20):
+        opt.zero_grad()
+        model.elbo(x).objective().mean().backward()
+        opt.step()
+    with torch.no_grad():
+        after = model.elbo(x.repeat(8, 1, 1, 1)).total.mean()
+    assert after > before + 2  # nats per image (4.3 and 6.4 here); the means' noise is < 0.5
+    a = model.sample(6, generator=torch.Generator().manual_seed(1))
+    b = model.sample(6, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (6, 1, 8, 8) and torch.equal(a, b)
+    k = (a + 1) * 127.5
+    assert a.min() >= -1 and a.max() <= 1 and torch.allclose(k, k.round(), atol=1e-3)
