@@ -229,6 +229,25 @@ def eval_(
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Default: the latest.")
 @click.option("--no-ema", is_flag=True, help="Sample the raw weights instead of the EMA.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A keyword argument of the model's sample() (VALUE a TOML literal); repeatable.",
+)
+@click.option(
+    "--padding",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="PNG grid: pixels between and around the images.",
+)
+@click.option(
+    "--upscale",
+    type=click.IntRange(min=1),
+    help="PNG grid: integer nearest-neighbour factor. Default: tiles of at least 32 pixels.",
+)
 def sample(
     run_dir: Path,
     num: int,
@@ -237,19 +256,49 @@ def sample(
     checkpoint: Path | None,
     no_ema: bool,
     device: str,
+    params: tuple[str, ...],
+    padding: int,
+    upscale: int | None,
 ) -> None:
-    """Draw samples from a trained run into a PNG grid (or a .npy array).
+    """Draw samples from a trained run into a PNG grid (or a .npy array of the raw samples).
+
+    --param KEY=VALUE passes KEY as a keyword argument to the model's sample(); an unknown
+    KEY is an error that lists the ones it takes (a VDM: steps, eta, clip, final).
 
     \b
     genkit sample runs/vae -n 64 --out grid.png
+    genkit sample runs/vdm -n 64 --param steps=50 --param eta=0 --out grid.png
+    genkit sample runs/vdm --upscale 8 --padding 4 --out big.png
     """
-    model, _info, _path = load_run(
-        run_dir, checkpoint=checkpoint, use_ema=not no_ema, device=device
-    )
+    import inspect
+
+    from genkit.config import did_you_mean
+    from genkit.errors import InvalidParameterError
+
+    model, info, _path = load_run(run_dir, checkpoint=checkpoint, use_ema=not no_ema, device=device)
+    sample_params = dict(parse_pairs(params, option="--param"))
+    # which keywords sample() takes, less the count (-n) and the generator (--seed)
+    accepted = list(inspect.signature(model.sample).parameters.values())
+    fixed = {"n": "-n", "generator": "--seed"}
+    settable = [
+        p.name
+        for p in accepted
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in fixed
+    ]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted)
+    name = info["model"]["name"]
+    for key in sample_params:
+        if key in fixed:
+            raise InvalidParameterError(f"--param {key}: set it with {fixed[key]}, not --param")
+        if key not in settable and not takes_any:
+            raise InvalidParameterError(
+                f"model '{name}' sample() has no parameter '{key}'{did_you_mean(key, settable)} "
+                f"(its parameters: {', '.join(settable) or 'none'})"
+            )
     torch.manual_seed(seed)
     generator = torch.Generator(model.device).manual_seed(seed)
     with torch.no_grad():
-        x = model.sample(num, generator=generator).float().cpu()  # (n, *data_shape)
+        x = model.sample(num, generator=generator, **sample_params).float().cpu()  # (n, *shape)
     if out.suffix == ".npy":
         import numpy as np
 
@@ -260,5 +309,5 @@ def sample(
                 f"a PNG grid needs image data (C, H, W), this model's is {tuple(x.shape[1:])}; "
                 "write --out FILE.npy instead"
             )
-        save_png(image_grid(x), out)
+        save_png(image_grid(x, padding=padding, upscale=upscale), out)
     click.echo(f"wrote {num} samples to {out}")

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import Tensor
+from torch.nn import functional as F
 
 from genkit.distributions import to_pixels
 
@@ -58,16 +59,54 @@ def with_totals(
     return out
 
 
-def image_grid(x: Tensor, ncol: int | None = None) -> np.ndarray:
-    """Tile images ``x: (N, C, H, W)`` in [-1, 1] into one uint8 array ``(rows*H, ncol*W, C)``;
-    empty cells (when N is not a multiple of ``ncol``) are black."""
-    n, c, h, w = x.shape
+#: The uint8 value of the grid's separators, border and empty cells: mid-grey, which stands
+#: apart from both dark-background digits and natural images.
+GRID_SEPARATOR = 128
+
+#: ``image_grid``'s automatic upscaling makes each tile at least this many pixels on its
+#: shorter side.
+GRID_MIN_TILE = 32
+
+
+def grid_upscale(h: int, w: int, min_tile: int = GRID_MIN_TILE) -> int:
+    """The smallest integer factor ``f >= 1`` with ``min(h, w) * f >= min_tile``."""
+    return max(1, math.ceil(min_tile / max(1, min(h, w))))
+
+
+def image_grid(
+    x: Tensor, ncol: int | None = None, *, padding: int = 2, upscale: int | None = None
+) -> np.ndarray:
+    """Tile images ``x: (N, C, H, W)`` in [-1, 1] into one uint8 HWC array.
+
+    Each image is upscaled by nearest neighbour with the integer factor ``f = upscale``
+    (``None``: :func:`grid_upscale`, so small images become tiles of at least 32 pixels), and
+    tiles are separated, and surrounded, by ``padding`` pixels of :data:`GRID_SEPARATOR`. With
+    ``ncol`` columns (default ``ceil(sqrt(N))``) and ``rows = ceil(N / ncol)`` the result is::
+
+        (rows * (f*H + padding) + padding,  ncol * (f*W + padding) + padding,  C)
+
+    Empty cells (when N is not a multiple of ``ncol``) are blank (the separator colour).
+    """
+    from genkit.errors import InvalidParameterError
+
+    n, _c, h, w = x.shape
     ncol = ncol or math.ceil(math.sqrt(n))
+    factor = grid_upscale(h, w) if upscale is None else upscale
+    if ncol < 1 or padding < 0 or factor < 1:
+        raise InvalidParameterError(
+            f"image_grid needs ncol >= 1, padding >= 0 and upscale >= 1, "
+            f"got ncol={ncol}, padding={padding}, upscale={factor}"
+        )
     rows = math.ceil(n / ncol)
     pixels = to_pixels(x.detach().float().cpu())  # (N, C, H, W) uint8
-    pad = torch.zeros(rows * ncol - n, c, h, w, dtype=torch.uint8)
-    grid = rearrange(torch.cat([pixels, pad]), "(r k) c h w -> (r h) (k w) c", r=rows, k=ncol)
-    return grid.numpy()
+    tiles = repeat(pixels, "n c h w -> n c (h a) (w b)", a=factor, b=factor)  # nearest
+    blank = torch.full((rows * ncol - n, *tiles.shape[1:]), GRID_SEPARATOR, dtype=torch.uint8)
+    tiles = torch.cat([tiles, blank])  # (rows*ncol, C, f*H, f*W)
+    # each tile gets its separator right and below; the grid gets the top and left border
+    tiles = F.pad(tiles, (0, padding, 0, padding), value=GRID_SEPARATOR)
+    grid = rearrange(tiles, "(r k) c h w -> c (r h) (k w)", r=rows, k=ncol)
+    grid = F.pad(grid, (padding, 0, padding, 0), value=GRID_SEPARATOR)
+    return rearrange(grid, "c h w -> h w c").contiguous().numpy()
 
 
 def save_png(grid: np.ndarray, path: Path) -> Path:

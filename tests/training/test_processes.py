@@ -210,7 +210,8 @@ def test_cli_train_eval_sample_end_to_end(tmp_path):
 
     invoke("sample", run, "-n", "6", "--out", tmp_path / "grid.png")
     image = Image.open(tmp_path / "grid.png")
-    assert image.size == (3 * 8, 2 * 8) and image.mode == "L"
+    # 3 x 2 tiles of 8x8 digits upscaled 4x to 32 px, 2 px of padding between and around them
+    assert image.size == (3 * 34 + 2, 2 * 34 + 2) and image.mode == "L"
 
     bad = invoke(
         "train",
