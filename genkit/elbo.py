@@ -46,12 +46,16 @@ class ELBOTerms:
     ``total = sum(terms.values())`` is the ELBO of each sample. ``extras``: per-sample values
     that are not part of the sum (per-level KLs, surrogate losses such as DDPM's L_simple),
     signed like terms (higher is better) so the trainer may weight them into its objective.
-    ``num_dims``: ``D``, the number of data dimensions, for bits/dim.
+    ``num_dims``: ``D``, the number of data dimensions, for bits/dim. ``nfe``: the network
+    evaluations per example the estimate cost (a forward pass of a network on one example
+    counts one; k-diffusion reports its likelihoods with this count too), or ``None`` when the
+    estimator does not say.
     """
 
     terms: Mapping[str, Tensor] = attrs.field(converter=_frozen_mapping)
     num_dims: int = attrs.field()
     extras: Mapping[str, Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
+    nfe: float | None = attrs.field(default=None)
 
     @terms.validator
     def _check_terms(self, _attribute: attrs.Attribute, value: Mapping[str, Tensor]) -> None:
@@ -78,6 +82,16 @@ class ELBOTerms:
         if wrong:
             raise InvalidParameterError(
                 f"every ELBO extra must have the terms' shape {batch}; got {wrong}"
+            )
+
+    @nfe.validator
+    def _check_nfe(self, _attribute: attrs.Attribute, value: float | None) -> None:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0
+        ):
+            raise InvalidParameterError(
+                f"ELBOTerms.nfe must be None or a number >= 0 (network evaluations per "
+                f"example), got {value!r}"
             )
 
     @property
@@ -193,7 +207,7 @@ class StandardELBO(ELBO):
             "reconstruction": reconstruction(decoder, x, z),
             "prior_matching": prior_matching(q_z, prior(), z),
         }
-        return ELBOTerms(terms=terms, num_dims=model.num_dims)
+        return ELBOTerms(terms=terms, num_dims=model.num_dims, nfe=1.0 + self.samples)
 
 
 class IWAE(ELBO):
@@ -217,4 +231,6 @@ class IWAE(ELBO):
         log_px = decoder(z.flatten(0, 1)).log_prob(x.repeat(self.k, *[1] * (x.dim() - 1)))
         log_w = log_px.view(self.k, -1) + prior().log_prob(z) - q_z.log_prob(z)  # (k, B)
         bound = torch.logsumexp(log_w, dim=0) - math.log(self.k)
-        return ELBOTerms(terms={"importance_weighted": bound}, num_dims=model.num_dims)
+        return ELBOTerms(
+            terms={"importance_weighted": bound}, num_dims=model.num_dims, nfe=1.0 + self.k
+        )

@@ -49,7 +49,9 @@ class MarkovChain(Protocol):
     examples where the chain allows it). Every returned distribution has batch shape ``(B,)``
     (``log_prob`` returns ``(B,)``). A chain may also define ``q_marginal(x, t)``, the jump
     ``q(z_t | x)`` straight from the data (a fixed Gaussian encoder has it in closed form); the
-    estimator then samples a few levels without walking the chain.
+    estimator then samples a few levels without walking the chain. A chain whose encoder has
+    no network (the VDM's fixed forward process) sets ``fixed_encoder = True``, so that the
+    network evaluations an estimate reports (``ELBOTerms.nfe``) count the ``p`` steps only.
     """
 
     #: ``T >= 1``, the number of latents.
@@ -192,18 +194,23 @@ class ConsistencyELBO(ELBO):
             raise IncompatibleEstimatorError(
                 f"a Markov chain needs num_latents >= 1, got {num_latents}"
             )
-        if self.levels is None or num_latents == 1:
+        q_cost = 0 if getattr(chain, "fixed_encoder", False) else 1  # networks per q step
+        k = self.levels
+        if k is None or num_latents == 1:
             terms, per_level = self._every_level(chain, x, num_latents)
+            nfe = num_latents * (1 + q_cost)
         elif callable(getattr(chain, "q_marginal", None)):
-            terms, per_level = self._sampled_levels_marginal(chain, x, num_latents, self.levels)
+            terms, per_level = self._sampled_levels_marginal(chain, x, num_latents, k)
+            nfe = (1 + k) + q_cost * (2 + 2 * k)
         else:
-            terms, per_level = self._sampled_levels_walk(chain, x, num_latents, self.levels)
+            terms, per_level = self._sampled_levels_walk(chain, x, num_latents, k)
+            nfe = (1 + k) + q_cost * num_latents
         show = self.per_level if self.per_level is not None else num_latents - 1 <= MAX_LEVEL_EXTRAS
         extras = {}
         if show and per_level is not None:
             extras = {f"consistency/level_{t + 1}": per_level[:, t] for t in range(num_latents - 1)}
         num_dims = getattr(model, "num_dims", None) or x[0].numel()
-        return ELBOTerms(terms=terms, num_dims=num_dims, extras=extras)
+        return ELBOTerms(terms=terms, num_dims=num_dims, extras=extras, nfe=float(nfe))
 
     # -- every level: one sample of the whole chain ----------------------------------------
     def _every_level(self, chain: MarkovChain, x: Tensor, num_latents: int):

@@ -84,11 +84,10 @@ class LatentVariableModel(nn.Module, abc.ABC):
         ``x: (B, *data_shape)``, as per-sample :class:`~genkit.elbo.ELBOTerms` in nats.
 
         ``estimator`` is a registered estimator name (``params`` go to its factory) or an
-        :class:`~genkit.elbo.ELBO` instance; ``None`` uses ``default_estimator``.
+        :class:`~genkit.elbo.ELBO` instance; ``None`` uses ``default_estimator``. See
+        :meth:`estimator`.
         """
-        from genkit.elbo import ELBO
         from genkit.errors import InvalidParameterError
-        from genkit.registry import create_estimator
 
         if not isinstance(x, Tensor) or not x.is_floating_point():
             got = f"{x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
@@ -101,15 +100,32 @@ class LatentVariableModel(nn.Module, abc.ABC):
                 f"elbo() needs x of shape (B, {', '.join(map(str, self.data_shape))}) for "
                 f"data_shape {self.data_shape}, got {tuple(x.shape)}"
             )
-        estimator = self.default_estimator if estimator is None else estimator
-        if isinstance(estimator, ELBO):
+        return self.estimator(estimator, **params)(self, x)
+
+    def estimator(
+        self, name: str | ELBO | None = None, *, evaluation: bool = False, **params: Any
+    ) -> ELBO:
+        """The :class:`~genkit.elbo.ELBO` object that ``elbo(x, name, **params)`` uses.
+
+        ``name``: a registered estimator name (built with ``params``), an instance (then no
+        ``params``), or ``None`` for ``default_estimator``. ``evaluation=True`` asks for the
+        estimator a model prefers for measuring its likelihood (more draws per call, say); by
+        default it is the same one. Build it once to reuse it across calls, as
+        :func:`genkit.evaluation.evaluate` does (an estimator may keep state between calls).
+        """
+        from genkit.elbo import ELBO
+        from genkit.errors import InvalidParameterError
+        from genkit.registry import create_estimator
+
+        name = self.default_estimator if name is None else name
+        if isinstance(name, ELBO):
             if params:
                 raise InvalidParameterError(
                     f"elbo() got parameters {sorted(params)} with an estimator instance "
-                    f"({type(estimator).__name__}); pass them to the estimator instead"
+                    f"({type(name).__name__}); pass them to the estimator instead"
                 )
-            return estimator(self, x)
-        return create_estimator(estimator, **params)(self, x)
+            return name
+        return create_estimator(name, **params)
 
     @abc.abstractmethod
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
