@@ -1,5 +1,6 @@
 """genkit's built-in variational diffusion model plugin (model name ``vdm``)."""
 
+from genkit_vdm.continuous import ContinuousVDM
 from genkit_vdm.model import VDM, VDMConfig, create_vdm
 
-__all__ = ["VDM", "VDMConfig", "create_vdm"]
+__all__ = ["VDM", "ContinuousVDM", "VDMConfig", "create_vdm"]

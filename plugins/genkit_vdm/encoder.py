@@ -9,7 +9,10 @@ With ``alpha_t = 1 - beta_t`` and ``alpha_bar_t = prod_{s=1}^t alpha_s`` (``alph
                     / (1 - alpha_bar_t)
         sigma_q^2 = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)                (beta-tilde)
 
-It holds buffers only (the schedule's tables, float64, not saved in checkpoints since the
+:class:`ContinuousForwardProcess` is the same encoder in continuous time (T -> infinity),
+on a log-SNR schedule ``lambda(t)``, ``t in [0, 1]`` (:mod:`genkit_vdm.logsnr`).
+
+The discrete encoder holds buffers only (the schedule's tables, float64, not saved in checkpoints since the
 config rebuilds them) and no learned parameter. Every distribution it returns is an
 ``Independent(Normal)`` over the data dimensions: batch shape ``(B,)``, ``log_prob`` ``(B,)``.
 """
@@ -24,6 +27,7 @@ from torch.distributions import Distribution
 from genkit.distributions import diagonal_normal
 from genkit.errors import InvalidParameterError
 from genkit.model import Encoder
+from genkit_vdm.logsnr import LogSNR, LogSNRSchedule, check_times
 from genkit_vdm.schedules import DiscreteSchedule
 
 
@@ -87,6 +91,12 @@ class DiscreteForwardProcess(Encoder):
         ab = self.alpha_bars[self.steps(t)]
         return torch.log(ab) - torch.log1p(-ab)
 
+    def signal_noise(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t))`` for steps ``t: (B,)`` in ``0..T``, the
+        scales of ``x_0`` and ``eps`` in ``x_t`` (float64, each ``(B,)``)."""
+        ab = self.alpha_bars[t]
+        return ab.sqrt(), (1.0 - ab).sqrt()
+
     # -- the distributions -----------------------------------------------------------------
     def q_step(self, x_prev: Tensor, t: Tensor | int) -> Distribution:
         """``q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, (1 - alpha_t) I)``, ``x_prev: (B, ...)``."""
@@ -134,4 +144,93 @@ class DiscreteForwardProcess(Encoder):
     def forward(self, x: Tensor, t: Tensor | int = 1) -> Distribution:
         """``encoder(x0, t) = q(x_t | x_0)``; by default the first latent's ``q(x_1 | x_0)``, as
         an MHVAE's encoder gives ``q(z_1 | x)``."""
+        return self.q_marginal(x, t)
+
+
+class ContinuousForwardProcess(Encoder):
+    """The fixed Gaussian encoder of a continuous-time VDM (Kingma et al. 2021, sec. 3.1)::
+
+        q(z_t | x)      = N(alpha_t x, sigma_t^2 I),  alpha_t^2 = sigmoid(lambda(t)),
+                                                      sigma_t^2 = sigmoid(-lambda(t))
+        q(z_s | z_t, x) = N(mu_Q, sigma_Q^2 I)   for s < t, with r = SNR(t) / SNR(s) < 1:
+            mu_Q      = r (alpha_s / alpha_t) z_t + alpha_s (1 - r) x
+            sigma_Q^2 = sigma_s^2 (1 - r),   1 - r = -expm1(lambda(t) - lambda(s))
+
+    the limit of :class:`DiscreteForwardProcess` as the steps shrink (``alpha_bar = alpha_t^2``).
+    Times ``t`` are float tensors ``(B,)`` in [0, 1] or a float (broadcast over the batch). The
+    schedule is a module (a ``learned`` one has parameters); every coefficient is float32.
+    """
+
+    timesteps = 0
+
+    def __init__(self, schedule: LogSNRSchedule) -> None:
+        super().__init__()
+        self.schedule = schedule
+
+    def times(self, t: Tensor | float, batch: int | None = None) -> Tensor:
+        """``t`` as a float32 ``(B,)`` tensor on the schedule's device, checked to lie in [0, 1]."""
+        if isinstance(t, int | float):
+            t = torch.full((batch or 1,), float(t))
+        t = check_times(t).to(self.schedule._device())
+        if batch is not None and t.numel() == 1 and batch != 1:
+            t = t.expand(batch)
+        elif batch is not None and t.numel() != batch:
+            raise InvalidParameterError(
+                f"got {t.numel()} times t for a batch of {batch}; give one time per example "
+                "or a single time for all"
+            )
+        return t
+
+    def log_snr(self, t: Tensor | float) -> Tensor:
+        """``lambda(t) = log(alpha_t^2 / sigma_t^2)`` (VDM's ``gamma(t)`` is its negative), ``(B,)``."""
+        return self.schedule(self.times(t)).value
+
+    def log_snr_and_slope(self, t: Tensor) -> LogSNR:
+        """``lambda(t)`` and ``dlambda/dt`` (:class:`~genkit_vdm.logsnr.LogSNR`) at ``t: (B,)``."""
+        return self.schedule(self.times(t))
+
+    def alpha_bar(self, t: Tensor | float) -> Tensor:
+        """``alpha_t^2 = sigmoid(lambda(t))`` (the lecture's alpha-bar), ``(B,)``."""
+        return torch.sigmoid(self.log_snr(t))
+
+    @staticmethod
+    def coefficients(log_snr: Tensor) -> tuple[Tensor, Tensor]:
+        """``(alpha, sigma) = (sqrt(sigmoid(lambda)), sqrt(sigmoid(-lambda)))`` for ``lambda``."""
+        return torch.sigmoid(log_snr).sqrt(), torch.sigmoid(-log_snr).sqrt()
+
+    def signal_noise(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(alpha_t, sigma_t)``, the scales of ``x`` and ``eps`` in ``z_t``, each ``(B,)``."""
+        return self.coefficients(self.log_snr(t))
+
+    def q_marginal(self, x0: Tensor, t: Tensor | float) -> Distribution:
+        """``q(z_t | x) = N(alpha_t x, sigma_t^2 I)``, ``x0: (B, ...)``."""
+        alpha, sigma = self.signal_noise(self.times(t, x0.shape[0]))
+        gain, std = expand_like(alpha, x0), expand_like(sigma, x0)
+        return diagonal_normal(gain * x0, std.expand_as(x0), x0.dim() - 1)
+
+    def posterior_coefficients(
+        self, log_snr_t: Tensor, log_snr_s: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """For ``lambda(t) < lambda(s)`` (``s < t``): the coefficients of ``z_t`` and ``x`` in
+        ``mu_Q`` and the variance ``sigma_Q^2``, each ``(B,)``."""
+        one_minus_r = -torch.expm1(log_snr_t - log_snr_s)
+        alpha_t, _ = self.coefficients(log_snr_t)
+        alpha_s, sigma_s = self.coefficients(log_snr_s)
+        c_t = (1.0 - one_minus_r) * alpha_s / alpha_t
+        c_0 = alpha_s * one_minus_r
+        return c_t, c_0, sigma_s.square() * one_minus_r
+
+    def q_posterior(
+        self, x_t: Tensor, x0: Tensor, t: Tensor | float, s: Tensor | float
+    ) -> Distribution:
+        """``q(z_s | z_t, x) = N(mu_Q, sigma_Q^2 I)`` for ``0 <= s < t <= 1``."""
+        t, s = self.times(t, x_t.shape[0]), self.times(s, x_t.shape[0])
+        if not bool((s < t).all()):
+            raise InvalidParameterError("q_posterior(x_t, x0, t, s) needs s < t for every example")
+        c_t, c_0, var = self.posterior_coefficients(self.log_snr(t), self.log_snr(s))
+        mean = expand_like(c_t, x_t) * x_t + expand_like(c_0, x_t) * x0
+        return diagonal_normal(mean, expand_like(var.sqrt(), x_t).expand_as(x_t), x_t.dim() - 1)
+
+    def forward(self, x: Tensor, t: Tensor | float = 0.0) -> Distribution:
+        """``encoder(x, t) = q(z_t | x)``; by default the first latent's ``q(z_0 | x)``."""
         return self.q_marginal(x, t)

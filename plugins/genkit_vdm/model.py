@@ -37,26 +37,48 @@ from torch.distributions import Distribution, Independent, Normal
 from genkit import likelihoods
 from genkit.config import structure
 from genkit.distributions import DiscretizedGaussian, diagonal_normal
-from genkit.elbo import ELBO, ELBOTerms
+from genkit.elbo import ELBO
 from genkit.errors import InvalidParameterError
 from genkit.model import Decoder, LatentVariableModel, StandardNormalPrior, check_count
 from genkit_vdm.encoder import DiscreteForwardProcess, expand_like
+from genkit_vdm.logsnr import LogSNRSchedule
 from genkit_vdm.schedules import DiscreteSchedule
 from genkit_vdm.unet import MLPDenoiser, UNet
 
 PARAMETERIZATIONS = ("eps", "x0", "v")
 
 
+def _exponents(value: Any) -> tuple[int, ...] | None:
+    """``None`` (automatic) or a list of integer exponents ``n`` of the Fourier features."""
+    if value is None:
+        return None
+    values = tuple(value) if isinstance(value, list | tuple) else (value,)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 12 for n in values):
+        raise InvalidParameterError(
+            f"fourier must be a list of integer exponents n in 0..12 (features sin/cos(2^n pi "
+            f"x_t)), [] for none, or None for the default; got {value!r}"
+        )
+    return values
+
+
+#: The Fourier-feature exponents images get by default in continuous time: sin/cos(2^n pi z_t)
+#: for n = 4..7, periods 2^(1-n) from 1/8 down to 1/64 on the [-1, 1] scale (about 16 down to
+#: 2 bins of 8-bit data); docs/vdm.md has the measurements behind the choice.
+DEFAULT_FOURIER = (4, 5, 6, 7)
+
+
 @attrs.frozen(kw_only=True)
 class VDMConfig:
     """Parameters of ``create_model("vdm", data_shape, **params)`` (all but ``net``)."""
 
-    #: ``T``, the number of noising steps; ``0`` (continuous time) is not available yet.
+    #: ``T``, the number of noising steps; ``0`` selects continuous time (T -> infinity).
     timesteps: int = attrs.field(default=1000, validator=v.ge(0))
-    #: A registered schedule name (built-ins: ``linear``, ``cosine``).
-    schedule: str = "linear"
-    #: Extra keyword arguments of the schedule's factory (e.g. ``{"s": 0.008}`` for cosine).
-    schedule_params: dict[str, float] = attrs.field(factory=dict)
+    #: A registered schedule name: discrete ``linear``, ``cosine``; continuous
+    #: ``fixed_linear``, ``learned``; ``None``: ``linear`` (T >= 1) or ``learned`` (T = 0).
+    schedule: str | None = None
+    #: Extra keyword arguments of the schedule's factory (e.g. ``{"s": 0.008}`` for cosine,
+    #: ``{"log_snr_max": 13.3, "log_snr_min": -5.0}`` for the continuous ones).
+    schedule_params: dict[str, Any] = attrs.field(factory=dict)
     #: What the network predicts: ``eps``, ``x0`` or ``v``.
     parameterization: str = attrs.field(default="eps", validator=v.in_(PARAMETERIZATIONS))
     #: The default denoiser: ``unet`` (images only), ``mlp`` or ``auto`` (by data rank).
@@ -70,59 +92,96 @@ class VDMConfig:
     num_res_blocks: int = attrs.field(default=1, validator=v.ge(1))
     attention_resolution: int = attrs.field(default=8, validator=v.ge(0))
     dropout: float = attrs.field(default=0.0, validator=[v.ge(0.0), v.lt(1.0)])
+    #: Exponents ``n`` of the U-Net's Fourier input features ``sin/cos(2^n pi x_t)``; ``[]``:
+    #: none; ``None``: ``DEFAULT_FOURIER`` for images in continuous time, none otherwise.
+    fourier: Any = attrs.field(default=None, converter=_exponents)
     #: MLP denoiser width and depth (vectors, or images with ``denoiser="mlp"``).
     hidden: int = attrs.field(default=256, validator=v.ge(1))
     depth: int = attrs.field(default=3, validator=v.ge(1))
-    #: The decoder ``p(x_0|x_1)``: ``discretized_gaussian``, ``gaussian`` or ``auto``.
+    #: The decoder ``p(x|.)``: ``discretized_gaussian``, ``gaussian`` or ``auto``.
     likelihood: str = attrs.field(
         default="auto", validator=v.in_(("auto", "discretized_gaussian", "gaussian"))
     )
-    #: The default estimator (``elbo(x)``): steps t drawn per example, and how. With
-    #: ``importance`` the loss-aware sampler's statistics are the model's buffers
-    #: ``loss_moments.mean_sq`` / ``loss_moments.seen`` (in ``state_dict()``).
+    #: The default estimator (``elbo(x)``): draws of t per example, and how the uniform
+    #: numbers behind them are drawn: ``stratified`` (one random shift of an evenly spaced grid
+    #: over the batch in training, per example in evaluation) or ``uniform`` (independent).
     t_samples: int = attrs.field(default=1, validator=v.ge(1))
-    t_sampler: str = attrs.field(default="uniform", validator=v.in_(("uniform", "importance")))
-    #: With ``importance``: observations per ``t`` before ``p(t)`` leaves the uniform, and the
-    #: exponential average's horizon (its rate is ``1 / t_history``).
+    t_sampler: str = attrs.field(default="stratified", validator=v.in_(("stratified", "uniform")))
+    #: Discrete time: ``p(t)`` over the steps, ``loss_aware`` (``p(t) ∝ sqrt(E[L_t^2])`` from
+    #: the model's buffers ``loss_moments.mean_sq`` / ``loss_moments.seen``, in ``state_dict()``)
+    #: or ``uniform``.
+    t_proposal: str = attrs.field(default="loss_aware", validator=v.in_(("loss_aware", "uniform")))
+    #: Discrete time, ``loss_aware``: observations per ``t`` before ``p(t)`` leaves its warm-up
+    #: proposal, and the exponential average's horizon (its rate is ``1 / t_history``).
     t_history: int = attrs.field(default=10, validator=v.ge(1))
+    #: Discrete time: compute the reconstruction (t = 1) at every step with a network call of
+    #: its own, as before genkit 0.2, instead of as one of the sampled steps.
+    reconstruction_every_step: bool = False
+    #: Draws of t per example of the estimator that evaluation uses (``model.estimator(
+    #: evaluation=True)``, :func:`genkit.evaluation.evaluate`), stratified per example.
+    eval_t_samples: int = attrs.field(default=4, validator=v.ge(1))
+    #: Continuous time: steps of ``sample()`` when it is not given ``steps``.
+    sample_steps: int = attrs.field(default=256, validator=v.ge(1))
     #: Clip ``x0_hat`` to [-1, 1] when sampling images (never inside the ELBO).
     clip_denoised: bool = True
 
+    @property
+    def continuous(self) -> bool:
+        """Continuous time (``timesteps == 0``)."""
+        return self.timesteps == 0
 
-#: The continuous-time schedules of DESIGN.md (log-SNR linear in t, and learned): not built yet.
-CONTINUOUS_SCHEDULES = ("fixed_linear", "learned")
+    @property
+    def schedule_name(self) -> str:
+        """``schedule``, or its default for the time kind."""
+        if self.schedule is not None:
+            return self.schedule
+        return "learned" if self.continuous else "linear"
+
+    def fourier_exponents(self, data_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """``fourier``, or its default: ``DEFAULT_FOURIER`` for images in continuous time."""
+        if self.fourier is not None:
+            return self.fourier
+        return DEFAULT_FOURIER if self.continuous and len(data_shape) == 3 else ()
 
 
-def build_schedule(cfg: VDMConfig) -> DiscreteSchedule:
-    """The schedule ``cfg.schedule`` built through the catalogue (``register_schedules``)."""
+def build_schedule(cfg: VDMConfig) -> DiscreteSchedule | LogSNRSchedule:
+    """The schedule ``cfg.schedule_name`` built through the catalogue (``register_schedules``):
+    a :class:`DiscreteSchedule` with ``T`` betas, or a continuous
+    :class:`~genkit_vdm.logsnr.LogSNRSchedule` when ``timesteps == 0``."""
     from genkit.registry import get_catalog
 
-    if cfg.schedule in CONTINUOUS_SCHEDULES:
-        raise InvalidParameterError(
-            f"model 'vdm': schedule '{cfg.schedule}' is a continuous-time schedule, which is not "
-            "available yet; use a discrete one ('linear', 'cosine') with timesteps >= 1"
-        )
-    if cfg.timesteps == 0:
-        raise InvalidParameterError(
-            "model 'vdm': timesteps=0 selects continuous time, which is not available yet; "
-            "use timesteps >= 1"
-        )
+    name = cfg.schedule_name
     schedule = get_catalog().build(
-        "schedules", cfg.schedule, timesteps=cfg.timesteps, **cfg.schedule_params
+        "schedules", name, timesteps=cfg.timesteps, **cfg.schedule_params
     )
+    if cfg.continuous:
+        if not isinstance(schedule, LogSNRSchedule):
+            raise InvalidParameterError(
+                f"model 'vdm': schedule '{name}' returned {type(schedule).__name__}; continuous "
+                "time (timesteps=0) needs a log-SNR schedule such as 'fixed_linear' or 'learned'"
+            )
+        return schedule
     if not isinstance(schedule, DiscreteSchedule) or schedule.timesteps != cfg.timesteps:
         raise InvalidParameterError(
-            f"schedule '{cfg.schedule}' returned {type(schedule).__name__}; the discrete-time VDM "
+            f"schedule '{name}' returned {type(schedule).__name__}; the discrete-time VDM "
             f"needs a DiscreteSchedule with {cfg.timesteps} betas"
         )
     return schedule
 
 
 def default_denoiser(data_shape: tuple[int, ...], cfg: VDMConfig) -> nn.Module:
-    """The U-Net for images ``(C, H, W)``, the MLP for vectors ``(D,)`` (or ``cfg.denoiser``)."""
+    """The U-Net for images ``(C, H, W)``, the MLP for vectors ``(D,)`` (or ``cfg.denoiser``).
+    In continuous time the nets embed ``1000 t``."""
     kind = cfg.denoiser
     if kind == "auto":
         kind = "unet" if len(data_shape) == 3 else "mlp"
+    time_scale = 1000.0 if cfg.continuous else 1.0
+    fourier = cfg.fourier_exponents(data_shape)
+    if fourier and kind != "unet":
+        raise InvalidParameterError(
+            "model 'vdm': Fourier features (fourier=[...]) are an input option of the U-Net; "
+            f"the {kind} denoiser has none: use fourier=[]"
+        )
     if kind == "unet":
         if len(data_shape) != 3:
             raise InvalidParameterError(
@@ -135,12 +194,12 @@ def default_denoiser(data_shape: tuple[int, ...], cfg: VDMConfig) -> nn.Module:
             num_res_blocks=cfg.num_res_blocks,
             attention_resolution=cfg.attention_resolution,
             dropout=cfg.dropout,
+            fourier=fourier,
+            time_scale=time_scale,
         )
-    if len(data_shape) == 1:
-        return MLPDenoiser(data_shape[0], hidden=cfg.hidden, depth=cfg.depth)
-    return _FlatMLP(
-        data_shape, MLPDenoiser(int(torch.Size(data_shape).numel()), cfg.hidden, cfg.depth)
-    )
+    dim = int(torch.Size(data_shape).numel())
+    net = MLPDenoiser(dim, hidden=cfg.hidden, depth=cfg.depth, time_scale=time_scale)
+    return net if len(data_shape) == 1 else _FlatMLP(data_shape, net)
 
 
 class _FlatMLP(nn.Module):
@@ -164,7 +223,11 @@ class Prediction:
 
 class ReverseProcess(Decoder):
     """The learned reverse process ``p(x_{t-1} | x_t)``; called as a :class:`Decoder` it is the
-    last step, ``p(x_0 | x_1)``. It owns the denoising network ``net(x_t, t)``."""
+    last step, ``p(x_0 | x_1)``. It owns the denoising network ``net(x_t, t)``.
+
+    ``predict`` reads the network through the encoder's ``signal_noise(t)`` (the scales of
+    ``x_0`` and ``eps`` in ``x_t``), so the continuous-time reverse process
+    (:class:`genkit_vdm.continuous.ContinuousReverseProcess`) shares it."""
 
     def __init__(
         self,
@@ -181,17 +244,25 @@ class ReverseProcess(Decoder):
         self.net, self.encoder = net, encoder
         self.parameterization, self.likelihood = parameterization, likelihood
 
-    def predict(self, x_t: Tensor, t: Tensor, clip: bool = False) -> Prediction:
+    def predict(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        clip: bool = False,
+        signal_noise: tuple[Tensor, Tensor] | None = None,
+    ) -> Prediction:
         """Run ``net(x_t, t)`` and read it as eps, x0 or v; both estimates returned. With
         ``clip``, ``x0_hat`` is clipped to [-1, 1] and ``eps_hat`` re-derived from it
-        (``eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t)``), so the two stay consistent."""
+        (``eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t)``), so the two stay consistent.
+        ``signal_noise``: ``(sqrt(ab_t), sqrt(1 - ab_t))`` when the caller has them already
+        (default: the encoder's ``signal_noise(t)``)."""
         out = self.net(x_t, t).to(x_t.dtype)
         if out.shape != x_t.shape:
             raise InvalidParameterError(
                 f"the denoiser returned shape {tuple(out.shape)} for x_t of shape {tuple(x_t.shape)}"
             )
-        ab = self.encoder.alpha_bars[t]
-        s, r = expand_like(ab.sqrt(), x_t), expand_like((1.0 - ab).sqrt(), x_t)  # signal, noise
+        signal, noise = signal_noise if signal_noise is not None else self.encoder.signal_noise(t)
+        s, r = expand_like(signal, x_t), expand_like(noise, x_t)
         if self.parameterization == "eps":
             x0, eps = (x_t - r * out) / s, out
         elif self.parameterization == "x0":
@@ -234,10 +305,10 @@ class VDM(LatentVariableModel):
     (``z_t = x_t``), so the shared ``consistency`` estimator works on it unchanged.
 
     Parts: ``encoder`` (the fixed forward process), ``decoder`` (the learned reverse process,
-    owning ``net``), ``prior`` (``N(0, I)`` over the data shape). With
-    ``t_sampler="importance"`` also ``loss_moments``, the loss-aware sampler's ``E[L_t^2]``
-    and counts for ``t = 2..T`` as persistent buffers (float64 and int64, ``(T - 1,)``) that
-    the default estimator reads and updates in training mode: they are saved and restored with
+    owning ``net``), ``prior`` (``N(0, I)`` over the data shape). With the default
+    ``t_proposal="loss_aware"`` also ``loss_moments``, the loss-aware proposal's ``E[L_t^2]``
+    and counts for ``t = 1..T`` as persistent buffers (float64 and int64, ``(T,)``) that the
+    default estimator reads and updates in training mode: they are saved and restored with
     ``state_dict()``, so a resumed run draws ``t`` as the uninterrupted one; otherwise ``None``.
     """
 
@@ -262,31 +333,32 @@ class VDM(LatentVariableModel):
             lik,
         )
         self.prior = StandardNormalPrior(self.data_shape)
-        importance = cfg.t_sampler == "importance"
-        self.loss_moments = LossSecondMoments(cfg.timesteps) if importance else None
-        self.default_estimator = DenoisingMatchingELBO(
-            t_samples=cfg.t_samples,
-            sampler=cfg.t_sampler,
-            history=cfg.t_history,
-            moments=self.loss_moments,
-        )
+        loss_aware = cfg.t_proposal == "loss_aware"
+        self.loss_moments = LossSecondMoments(cfg.timesteps) if loss_aware else None
+        self.default_estimator = DenoisingMatchingELBO(**self._estimator_settings())
 
-    def elbo(self, x: Tensor, estimator: str | ELBO | None = None, **params: Any) -> ELBOTerms:
-        """The ELBO of ``x: (B, *data_shape)`` by ``estimator``: ``denoising_matching`` (default)
-        or ``consistency`` (the shared Markov-chain estimator), with its ``params``, e.g.
-        ``elbo(x, t_samples=None)`` for the exact sum over t. Without ``params`` the default
-        estimator is the model's own instance, which reads and updates ``loss_moments``; with
-        ``params`` (or by name) a new estimator is built for the call, with statistics of its
-        own that last only that call."""
-        if estimator is None and params:
-            cfg = self.config
-            settings = {
-                "t_samples": cfg.t_samples,
-                "sampler": cfg.t_sampler,
-                "history": cfg.t_history,
-            }
-            return super().elbo(x, "denoising_matching", **{**settings, **params})
-        return super().elbo(x, estimator, **params)
+    def _estimator_settings(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "t_samples": cfg.t_samples,
+            "t_sampler": cfg.t_sampler,
+            "proposal": cfg.t_proposal,
+            "history": cfg.t_history,
+            "reconstruction_every_step": cfg.reconstruction_every_step,
+            "moments": self.loss_moments,
+        }
+
+    def estimator(
+        self, name: str | ELBO | None = None, *, evaluation: bool = False, **params: Any
+    ) -> ELBO:
+        """The estimator of ``elbo(x, name, **params)``: ``denoising_matching`` (default) or
+        ``consistency`` (the shared Markov-chain estimator), e.g. ``elbo(x, t_samples=None)``
+        for the exact sum over t. Without ``name`` and ``params``, the model's own instance.
+        With ``params`` and no name, a new ``denoising_matching`` estimator with the model's
+        settings overridden by ``params``; it shares the model's ``loss_moments`` unless
+        ``params`` change the proposal. By name, a new estimator with statistics of its own.
+        ``evaluation=True``: ``t_samples`` defaults to ``config.eval_t_samples``."""
+        return vdm_estimator(self, name, evaluation, params)
 
     @property
     def net(self) -> nn.Module:
@@ -298,6 +370,9 @@ class VDM(LatentVariableModel):
         return self.encoder.timesteps
 
     # -- the MarkovChain protocol (genkit.markov) -----------------------------------------
+    #: The encoder transitions have no network (``ELBOTerms.nfe`` counts the ``p`` steps only).
+    fixed_encoder = True
+
     @property
     def num_latents(self) -> int:
         """``T``: the latents are ``x_1..x_T``."""
@@ -352,14 +427,42 @@ class VDM(LatentVariableModel):
         return ddim(self, n, steps=steps, eta=eta, generator=generator, clip=clip, final=final)
 
 
-def create_vdm(data_shape: tuple[int, ...], *, net: nn.Module | None = None, **params: Any) -> VDM:
+def vdm_estimator(
+    model: LatentVariableModel, name: str | ELBO | None, evaluation: bool, params: dict[str, Any]
+) -> ELBO:
+    """:meth:`VDM.estimator` for both VDMs: ``model._estimator_settings()`` are the defaults
+    of a ``denoising_matching`` estimator built without a name."""
+    if name is None and (params or evaluation):
+        settings = model._estimator_settings()
+        if evaluation:
+            settings["t_samples"] = model.config.eval_t_samples
+        if "proposal" in params or settings.get("moments", 0) is None:
+            settings.pop("moments", None)
+        return LatentVariableModel.estimator(model, "denoising_matching", **{**settings, **params})
+    return LatentVariableModel.estimator(model, name, **params)
+
+
+def create_vdm(
+    data_shape: tuple[int, ...], *, net: nn.Module | None = None, **params: Any
+) -> LatentVariableModel:
     """``create_model("vdm", data_shape, net=None, **params)``: ``params`` are the fields of
-    :class:`VDMConfig`; ``net`` is any module called as ``net(x_t, t)``."""
+    :class:`VDMConfig`; ``net`` is any module called as ``net(x_t, t)``. ``timesteps=0`` gives
+    the continuous-time :class:`~genkit_vdm.continuous.ContinuousVDM`, else a :class:`VDM`."""
     if net is not None and not isinstance(net, nn.Module):
         raise InvalidParameterError(
             f"model 'vdm': net must be a torch.nn.Module, got {type(net).__name__}"
         )
     cfg = structure(VDMConfig, params, where="model 'vdm'")
+    if cfg.continuous:
+        from genkit_vdm.continuous import ContinuousVDM
+
+        discrete_only = {"t_proposal": "loss_aware", "reconstruction_every_step": False}
+        for name, default in discrete_only.items():
+            if name in params and params[name] != default:
+                raise InvalidParameterError(
+                    f"model 'vdm': {name} applies to discrete time only (timesteps >= 1)"
+                )
+        return ContinuousVDM(data_shape, cfg, net=net)
     return VDM(data_shape, cfg, net=net)
 
 

@@ -1,4 +1,5 @@
-"""Registers the ``vdm`` model, its ``linear`` and ``cosine`` schedules and its
+"""Registers the ``vdm`` model, its schedules (discrete ``linear`` and ``cosine``, continuous
+``fixed_linear`` and ``learned``) and its
 ``denoising_matching`` estimator through the ``genkit`` entry-point group, as any plugin would.
 
 The ``consistency`` estimator the VDM also supports is genkit's shared Markov-chain estimator
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import genkit
 from genkit_vdm.estimators import DenoisingMatchingELBO
+from genkit_vdm.logsnr import CONTINUOUS_SCHEDULES
 from genkit_vdm.model import create_vdm
 from genkit_vdm.schedules import BUILTIN_SCHEDULES
 
@@ -18,13 +20,14 @@ def register_models(register) -> None:
     register(
         "vdm",
         create_vdm,
-        description="variational diffusion model (discrete time): fixed Gaussian encoder, learned denoiser",
+        description="variational diffusion model, discrete (timesteps=T) or continuous time "
+        "(timesteps=0): fixed Gaussian encoder, learned denoiser",
     )
 
 
 @genkit.hookimpl
 def register_schedules(register) -> None:
-    for name, (factory, description) in BUILTIN_SCHEDULES.items():
+    for name, (factory, description) in {**BUILTIN_SCHEDULES, **CONTINUOUS_SCHEDULES}.items():
         register(name, factory, description=description)
 
 

@@ -21,6 +21,10 @@ mean at the last step; ``final="sample"`` draws from it. DDIM's last step is in 
 ``p(x_0|x_{tau_1})``), the decoder itself when ``tau_1 = 1``; so with ``S = 1`` it is one jump
 from ``x_T``, the decoder's scale ``sqrt(beta_1)`` around ``x0_hat(x_T, T)``.
 
+A continuous-time VDM (:func:`continuous`) samples on ``S`` equal steps of ``t`` from 1 to 0
+with the same DDIM update (``alpha_bar = sigmoid(lambda(t))``): ``eta = 1`` is the ancestral
+``p(z_s|z_t)``, ``eta = 0`` the deterministic sampler; it ends with the decoder ``p(x|z_0)``.
+
 With ``clip`` (default for images) ``x0_hat`` is clipped to [-1, 1] at every step and
 ``eps_hat`` re-derived from it; the ELBO never clips.
 """
@@ -36,6 +40,7 @@ from genkit.distributions import sample as draw
 from genkit.errors import InvalidParameterError
 
 if TYPE_CHECKING:
+    from genkit_vdm.continuous import ContinuousVDM
     from genkit_vdm.model import VDM
 
 FINALS = ("mode", "sample")
@@ -106,6 +111,33 @@ def ddim_steps(timesteps: int, steps: int) -> list[int]:
     return torch.floor(grid + 0.5).long().tolist()
 
 
+def _check_eta(eta: float) -> float:
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or not eta >= 0:
+        raise InvalidParameterError(f"eta must be a number >= 0, got {eta!r}")
+    return float(eta)
+
+
+def _ddim_step(
+    model: VDM,
+    x: Tensor,
+    pred,
+    ab_t: Tensor,
+    ab_s: Tensor,
+    eta: float,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """From ``x_t`` to ``x_s`` (``s < t``) given the prediction at ``x_t`` and the float64 0-d
+    ``alpha_bar`` at both times: ``sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat +
+    sigma z`` with ``sigma^2 = eta^2 (1 - ab_s) / (1 - ab_t) (1 - ab_t / ab_s)``."""
+    var = eta**2 * (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)
+    direction = (1 - ab_s - var).clamp(min=0.0).sqrt()
+    coef = torch.stack([ab_s.sqrt(), direction, var.sqrt()]).to(x.dtype)
+    x = coef[0] * pred.x0 + coef[1] * pred.eps
+    if eta > 0:
+        x = x + coef[2] * _noise(model, x.shape[0], generator)
+    return x
+
+
 @torch.no_grad()
 def ddim(
     model: VDM,
@@ -119,22 +151,47 @@ def ddim(
     """DDIM with ``steps`` network calls and noise level ``eta`` (0: deterministic):
     ``(n, *data_shape)``."""
     _check_final(final)
-    if isinstance(eta, bool) or not isinstance(eta, int | float) or not eta >= 0:
-        raise InvalidParameterError(f"eta must be a number >= 0, got {eta!r}")
+    eta = _check_eta(eta)
     enc = model.encoder
     taus = ddim_steps(enc.timesteps, steps)
     x = _noise(model, n, generator)  # x_T
     for t, s in zip(reversed(taus[1:]), reversed(taus[:-1]), strict=True):
-        tt = _steps(model, n, t)
-        pred = model.decoder.predict(x, tt, clip=clip)
-        ab_t, ab_s = enc.alpha_bars[t], enc.alpha_bars[s]
-        var = eta**2 * (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)
-        direction = (1 - ab_s - var).clamp(min=0.0).sqrt()
-        coef = torch.stack([ab_s.sqrt(), direction, var.sqrt()]).to(x.dtype)
-        x = coef[0] * pred.x0 + coef[1] * pred.eps
-        if eta > 0:
-            x = x + coef[2] * _noise(model, n, generator)
+        pred = model.decoder.predict(x, _steps(model, n, t), clip=clip)
+        x = _ddim_step(model, x, pred, enc.alpha_bars[t], enc.alpha_bars[s], eta, generator)
     return _last_step(model, x, generator, clip, final, t=taus[0])
 
 
-__all__ = ["ancestral", "ddim", "ddim_steps"]
+@torch.no_grad()
+def continuous(
+    model: ContinuousVDM,
+    n: int,
+    steps: int,
+    eta: float = 1.0,
+    generator: torch.Generator | None = None,
+    clip: bool = False,
+    final: str = "mode",
+) -> Tensor:
+    """A continuous-time VDM on the grid ``t_i = i / S``, ``i = S..0``: ``z_1 ~ N(0, I)``, then
+    ``z_{t_{i-1}}`` from ``z_{t_i}`` by the DDIM update with noise ``eta`` (``eta = 1``: the
+    ancestral step ``p(z_s|z_t) = q(z_s|z_t, x = x0_hat(z_t, t))``; ``eta = 0``: deterministic),
+    and ``x`` from the decoder ``p(x|z_0)`` (its mode, or a draw with ``final="sample"``).
+    ``S`` network calls; ``(n, *data_shape)``."""
+    _check_final(final)
+    eta = _check_eta(eta)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise InvalidParameterError(f"steps must be an integer >= 1, got {steps!r}")
+    enc = model.encoder
+    grid = torch.linspace(0.0, 1.0, steps + 1, device=model.device)  # t_0 = 0 .. t_S = 1
+    ab = torch.sigmoid(enc.log_snr(grid).double())  # alpha_t^2 on the grid
+    z = _noise(model, n, generator)  # z_1
+    for i in range(steps, 0, -1):
+        t = grid[i].expand(n)
+        pred = model.decoder.predict(z, t, clip=clip)
+        z = _ddim_step(model, z, pred, ab[i], ab[i - 1], eta, generator)
+    dist = model.decoder(z)  # p(x | z_0)
+    if final == "sample":
+        return draw(dist, (), generator)
+    return dist.base_dist.mode
+
+
+__all__ = ["ancestral", "continuous", "ddim", "ddim_steps"]

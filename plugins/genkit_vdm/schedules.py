@@ -69,10 +69,11 @@ class DiscreteSchedule:
         return torch.cumprod(self.alphas, dim=0)
 
 
-def _check_timesteps(timesteps: int) -> int:
+def _check_timesteps(timesteps: int, name: str) -> int:
     if timesteps == 0:
         raise InvalidParameterError(
-            "timesteps=0 selects continuous time, which is not available yet; use timesteps >= 1"
+            f"schedule '{name}' is a discrete-time schedule; timesteps=0 (continuous time) needs "
+            "a log-SNR schedule: 'fixed_linear' or 'learned'"
         )
     if not isinstance(timesteps, int) or isinstance(timesteps, bool) or timesteps < 1:
         raise InvalidParameterError(f"timesteps must be an integer >= 1, got {timesteps!r}")
@@ -81,7 +82,7 @@ def _check_timesteps(timesteps: int) -> int:
 
 def linear(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> DiscreteSchedule:
     """Ho et al. (2020): ``beta_t = linspace(beta_start, beta_end, T)[t - 1]``."""
-    timesteps = _check_timesteps(timesteps)
+    timesteps = _check_timesteps(timesteps, "linear")
     if not 0.0 < beta_start <= beta_end < 1.0:
         raise InvalidParameterError(
             f"linear schedule needs 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}"
@@ -93,7 +94,7 @@ def linear(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> 
 def cosine(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> DiscreteSchedule:
     """Nichol & Dhariwal (2021): ``beta_t = min(1 - f(t/T) / f((t-1)/T), max_beta)`` with
     ``f(u) = cos((u + s) / (1 + s) * pi / 2)^2``."""
-    timesteps = _check_timesteps(timesteps)
+    timesteps = _check_timesteps(timesteps, "cosine")
     if s < 0 or not 0.0 < max_beta < 1.0:
         raise InvalidParameterError(
             f"cosine schedule needs s >= 0 and 0 < max_beta < 1, got {s}, {max_beta}"

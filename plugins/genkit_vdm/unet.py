@@ -1,8 +1,14 @@
 """The default denoisers ``net(x_t, t)``: a small U-Net for images, an MLP for vectors.
 
 Both take the step ``t: (B,)`` (an integer step 1..T, or a float) through a sinusoidal
-embedding and an MLP, and return a tensor shaped like ``x_t`` that the model reads as eps,
-x0 or v. The U-Net halves the resolution between levels while H and W are even and >= 4
+embedding of ``time_scale * t`` and an MLP, and return a tensor shaped like ``x_t`` that the
+model reads as eps, x0 or v. In continuous time ``t`` is a float in [0, 1] and ``time_scale`` is
+1000, so the embedding's frequencies see the same range as for a 1000-step discrete model.
+
+The U-Net can take Fourier features of its input (Kingma et al. 2021, appendix C), ``sin(2^n pi
+x_t)`` and ``cos(2^n pi x_t)`` for each exponent ``n`` in ``fourier``, as extra input channels:
+at small t they resolve the fine scale of 8-bit data (bins of width 2/255 on [-1, 1]) that a
+network with smooth first layers hardly sees. The U-Net halves the resolution between levels while H and W are even and >= 4
 (8x8 -> 4x4, 28x28 -> 14x14 -> 7x7, 32x32 -> 16x16 -> 8x8) and keeps it otherwise, so the
 upsampling path meets every skip connection at its size.
 
@@ -33,6 +39,18 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Ten
     angles = t.float()[:, None] * freqs[None, :]  # (B, half)
     emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
     return F.pad(emb, (0, dim % 2))
+
+
+def fourier_features(x: Tensor, exponents: Sequence[int]) -> Tensor:
+    """``x: (B, C, ...)`` -> ``(B, 2 C len(exponents), ...)``: ``sin(2^n pi x)``, ``cos(2^n pi x)``
+    for each ``n``, computed in float32 (bf16 would lose the phase at ``2^7 pi``)."""
+    freqs = torch.tensor([(2.0**n) * math.pi for n in exponents], device=x.device)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        angles = rearrange(x.float(), "b c ... -> b c 1 ...") * rearrange(
+            freqs, "n -> n" + " 1" * (x.dim() - 2)
+        )
+        features = torch.cat([angles.sin(), angles.cos()], dim=2)  # (B, C, 2n, ...)
+    return rearrange(features, "b c n ... -> b (c n) ...").to(x.dtype)
 
 
 def _groups(channels: int, most: int = 8) -> int:
@@ -84,7 +102,9 @@ class UNet(nn.Module):
 
     ``channels * channel_mults[i]`` channels at level ``i``, ``num_res_blocks`` residual blocks
     per level (one more on the way up, taking the skips), self-attention at levels whose
-    resolution is at most ``attention_resolution`` (0 disables it) and in the middle.
+    resolution is at most ``attention_resolution`` (0 disables it) and in the middle. ``fourier``:
+    exponents ``n`` of the Fourier features concatenated to the input (empty: none);
+    ``time_scale``: the embedding sees ``time_scale * t``.
     """
 
     def __init__(
@@ -95,13 +115,17 @@ class UNet(nn.Module):
         num_res_blocks: int = 1,
         attention_resolution: int = 8,
         dropout: float = 0.0,
+        fourier: Sequence[int] = (),
+        time_scale: float = 1.0,
     ) -> None:
         super().__init__()
         c, h, w = data_shape
         emb_dim = 4 * channels
         self.channels = channels
+        self.fourier = tuple(int(n) for n in fourier)
+        self.time_scale = float(time_scale)
         self.embed = mlp([channels, emb_dim, emb_dim])
-        self.conv_in = nn.Conv2d(c, channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(c * (1 + 2 * len(self.fourier)), channels, 3, padding=1)
 
         def attn(ch: int, res: int) -> nn.Module:
             return SelfAttention(ch) if res <= attention_resolution else nn.Identity()
@@ -155,7 +179,10 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        emb = self.embed(timestep_embedding(t.reshape(-1).expand(x.shape[0]), self.channels))
+        t = t.reshape(-1).expand(x.shape[0]) * self.time_scale
+        emb = self.embed(timestep_embedding(t, self.channels))
+        if self.fourier:
+            x = torch.cat([x, fourier_features(x, self.fourier)], dim=1)
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:
@@ -173,14 +200,22 @@ class UNet(nn.Module):
 class MLPDenoiser(nn.Module):
     """``net(x_t, t)`` for vectors ``x_t: (B, D)``: an MLP on ``[x_t, embed(t)]``."""
 
-    def __init__(self, dim: int, hidden: int = 256, depth: int = 3, emb_dim: int = 64) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: int = 256,
+        depth: int = 3,
+        emb_dim: int = 64,
+        time_scale: float = 1.0,
+    ) -> None:
         super().__init__()
-        self.emb_dim = emb_dim
+        self.emb_dim, self.time_scale = emb_dim, float(time_scale)
         self.embed = mlp([emb_dim, hidden, hidden])
         self.net = mlp([dim + hidden, *[hidden] * depth, dim], float32_head=True)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        emb = self.embed(timestep_embedding(t.reshape(-1).expand(x.shape[0]), self.emb_dim))
+        t = t.reshape(-1).expand(x.shape[0]) * self.time_scale
+        emb = self.embed(timestep_embedding(t, self.emb_dim))
         return self.net(torch.cat([x, emb], dim=-1))

@@ -193,8 +193,11 @@ def test_the_two_decompositions_agree_and_denoising_matching_has_less_variance(n
     assert (dm.var(0) < cons.var(0)).all()
     if net == "near_optimal":
         assert (dm.var(0) < 0.01 * cons.var(0)).all(), (dm.var(0), cons.var(0))
-        # one sampled step per example against one sampled level: the same ordering
-        dm1 = _replicated_totals(m, x, reps, "denoising_matching", t_samples=1)
+        # one sampled step per example against one sampled level (each with the
+        # reconstruction computed at every call): the same ordering
+        dm1 = _replicated_totals(
+            m, x, reps, "denoising_matching", t_samples=1, reconstruction_every_step=True
+        )
         cons1 = _replicated_totals(m, x, reps, "consistency", levels=1)
         assert (dm1.var(0) < 0.1 * cons1.var(0)).all(), (dm1.var(0), cons1.var(0))
 
@@ -204,9 +207,15 @@ def test_the_two_decompositions_agree_and_denoising_matching_has_less_variance(n
     [
         {"t_samples": 1},
         {"t_samples": 3},
-        {"t_samples": 1, "sampler": "importance", "proposal": [8.0, 4.0, 2.0, 1.0, 1.0, 1.0, 1.0]},
+        {"t_samples": 1, "proposal": [8.0, 4.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0]},
+        {"t_samples": 1, "reconstruction_every_step": True},
+        {
+            "t_samples": 1,
+            "reconstruction_every_step": True,
+            "proposal": [8.0, 4.0, 2.0, 1.0, 1.0, 1.0, 1.0],
+        },
     ],
-    ids=["uniform", "uniform-k3", "importance-fixed"],
+    ids=["default", "default-k3", "fixed", "every-step", "every-step-fixed"],
 )
 def test_sampled_t_is_unbiased_for_the_exact_sum(params):
     torch.manual_seed(1)
@@ -221,29 +230,245 @@ def test_sampled_t_is_unbiased_for_the_exact_sum(params):
     )
 
 
-def test_loss_aware_importance_sampler_adapts_and_stays_unbiased():
+SPLIT = ("reconstruction", "denoising_matching")
+
+
+def _replicated_terms(model, x, reps, estimator, **params):
+    """``reconstruction`` and ``denoising_matching`` of ``reps`` replicas of ``x``, each
+    ``(reps, B)`` float64, by an estimator instance or by name."""
+    xs = x.repeat(reps, *[1] * (x.dim() - 1))
+    with torch.no_grad():
+        if isinstance(estimator, str):
+            terms = model.elbo(xs, estimator, **params)
+        else:
+            terms = estimator(model, xs)
+    return {name: terms.terms[name].double().view(reps, -1) for name in SPLIT}
+
+
+def _assert_unbiased_per_term(exact, sampled, reps):
+    for name in SPLIT:
+        a, b = exact[name], sampled[name]
+        se = (a.var(0) / reps + b.var(0) / reps).sqrt()
+        assert ((a.mean(0) - b.mean(0)).abs() < 4 * se).all(), (name, a.mean(0), b.mean(0), se)
+
+
+def _warmed(model, x, **params):
+    """A loss-aware estimator warmed in training mode (every t seen ``history`` times)."""
+    from genkit_vdm.estimators import DenoisingMatchingELBO
+
+    est = DenoisingMatchingELBO(history=2, **params)
+    with torch.no_grad():
+        est(model.train(), x.repeat(100, *[1] * (x.dim() - 1)))
+    assert est.moments.warm(2)
+    return est
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("t_sampler", ["stratified", "uniform"])
+@pytest.mark.parametrize("proposal", ["uniform", "loss_aware", "fixed"])
+def test_one_call_estimator_is_unbiased_per_term(proposal, t_sampler, k):
+    """One draw t ~ p(t) on 1..T per call, booked to reconstruction (t = 1, weight 1/p(1)) or
+    to denoising_matching (t >= 2): each term's mean over replicas is the exact estimator's.
+    Evaluation mode: each example has its own stratified shift, so the replicas are
+    independent and the standard errors honest."""
+    from genkit_vdm.estimators import DenoisingMatchingELBO
+
+    torch.manual_seed(5)
+    m, x, reps = _vdm(timesteps=8), _images(n=2), 4000
+    exact = _replicated_terms(m, x, reps, "denoising_matching", t_samples=None)
+    if proposal == "loss_aware":
+        est = _warmed(m, x, t_samples=k, t_sampler=t_sampler)
+        p, _ = est.probabilities(8, x.device)
+        assert not torch.allclose(p, torch.full_like(p, 1 / 8))  # not trivially uniform
+    else:
+        given = [1.0, 3.0, 8.0, 1.0, 1.0, 0.5, 0.5, 0.5] if proposal == "fixed" else proposal
+        est = DenoisingMatchingELBO(t_samples=k, t_sampler=t_sampler, proposal=given)
+    m.eval()
+    sampled = _replicated_terms(m, x, reps, est)
+    _assert_unbiased_per_term(exact, sampled, reps)
+    # the test can fail: booking t = 1 with weight 1 instead of 1/p(1) is far off
+    p1 = est.probabilities(8, x.device, model=m, x=x)[0][0].item()
+    wrong = sampled["reconstruction"] * p1
+    se = (wrong.var(0) / reps + exact["reconstruction"].var(0) / reps).sqrt()
+    assert ((wrong.mean(0) - exact["reconstruction"].mean(0)).abs() > 10 * se).all()
+
+
+def test_loss_aware_proposal_adapts_and_stays_unbiased():
     from genkit_vdm.estimators import DenoisingMatchingELBO
 
     torch.manual_seed(2)
     m, x, reps = _vdm(timesteps=8), _images(n=1), 4000
-    est = DenoisingMatchingELBO(sampler="importance", history=2)
-    assert torch.allclose(
-        est.probabilities(8, x.device), torch.full((7,), 1 / 7, dtype=torch.float64)
-    )
+    est = DenoisingMatchingELBO(history=2)
+    # cold, in training: the warm-up proposal p(1) = 1/4, the rest uniform; on 2..T: uniform
+    p, cost = est.probabilities(8, x.device)
+    warm_up = torch.tensor([0.25] + [0.75 / 7] * 7, dtype=torch.float64)
+    assert cost == 0.0 and torch.allclose(p, warm_up, rtol=1e-12, atol=0)
+    p2, _ = est.probabilities(8, x.device, first=2)
+    assert torch.allclose(p2, torch.full((7,), 1 / 7, dtype=torch.float64))
     with torch.no_grad():
         est(m, x.repeat(200, 1, 1, 1))  # every t seen often enough
-    p = est.probabilities(8, x.device)
-    assert p.sum().item() == pytest.approx(1.0) and p.max() > 2 / 7  # no longer uniform
+    p, cost = est.probabilities(8, x.device)
+    root = est.moments.mean_sq.sqrt()
+    assert cost == 0.0 and est.moments.seen.sum() == 200
+    assert torch.allclose(p, 0.99 * root / root.sum() + 0.01 / 8, rtol=1e-12, atol=0)
+    assert p.sum().item() == pytest.approx(1.0) and p.max() > 0.25  # no longer the warm-up
     exact = _replicated_totals(m, x, reps, "denoising_matching", t_samples=None)
     with torch.no_grad():
         sampled = est(m, x.repeat(reps, 1, 1, 1)).total.view(reps, -1)
     se = (exact.var(0) / reps + sampled.var(0) / reps).sqrt()
     assert ((exact.mean(0) - sampled.mean(0)).abs() < 4 * se).all()
     # through the model: its default estimator keeps the statistics between calls
-    m2 = _vdm(timesteps=8, t_sampler="importance")
+    m2 = _vdm(timesteps=8)
     m2.elbo(x)
     m2.elbo(x.repeat(3, 1, 1, 1))
     assert m2.loss_moments.seen.sum().item() == 4
+    # with the reconstruction at every call, only t = 2..T are recorded
+    m3 = _vdm(timesteps=8, reconstruction_every_step=True)
+    m3.elbo(x.repeat(16, 1, 1, 1))
+    assert m3.loss_moments.seen[0] == 0 and m3.loss_moments.seen.sum() == 16
+
+
+class Counting(nn.Module):
+    """A net that records each call's rows and steps, then defers to ``net``."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.rows, self.steps = net, [], []
+
+    def forward(self, x, t):
+        self.rows.append(x.shape[0])
+        self.steps.append(t.detach().clone())
+        return self.net(x, t)
+
+
+@pytest.mark.parametrize("every_step", [False, True])
+@pytest.mark.parametrize("k", [1, 3])
+def test_one_network_call_per_example_per_draw(k, every_step):
+    """The default estimator evaluates the net once per draw (B k rows in one call, nfe = k);
+    reconstruction_every_step adds the t = 1 call (B (1 + k) rows in two calls); exact mode
+    evaluates T steps per example."""
+    b, timesteps = 4, 8
+    net = Counting(RandomEps(16))
+    m, x = _vdm(timesteps, net=net, reconstruction_every_step=every_step), _images(n=b)
+    with torch.no_grad():
+        for _ in range(8):  # warm the model's statistics, so that evaluation needs no pilot
+            m.elbo(x.repeat(8, 1, 1, 1))
+    assert m.loss_moments.warm(m.config.t_history, 2 if every_step else 1)
+    for mode in ("train", "eval"):
+        getattr(m, mode)()
+        net.rows.clear()
+        terms = m.elbo(x, t_samples=k)
+        expected = b * (k + 1) if every_step else b * k
+        assert len(net.rows) == (2 if every_step else 1), (mode, net.rows)
+        assert sum(net.rows) == expected and terms.nfe == expected / b
+    net.rows.clear()
+    assert m.elbo(x, t_samples=None).nfe == timesteps
+    assert sum(net.rows) == b * timesteps
+
+
+def test_stratified_uniforms_are_an_evenly_spaced_grid():
+    """draw_uniforms: shared, the k b numbers are one shifted grid with spacing exactly 1/(k b);
+    per example, its k numbers are 1/k apart modulo 1 with a shift of its own."""
+    from genkit_vdm.continuous import draw_uniforms
+
+    torch.manual_seed(0)
+    k, b = 3, 5
+    u = draw_uniforms(k, b, "stratified", shared=True).double()
+    assert u.shape == (k, b) and ((u >= 0) & (u < 1)).all()
+    v = u.flatten().sort().values
+    spacing = torch.full((k * b - 1,), 1 / (k * b), dtype=torch.float64)
+    torch.testing.assert_close(v.diff(), spacing, rtol=0, atol=1e-6)
+    assert v[0] < 1 / (k * b)
+    # per example (columns): k numbers 1/k apart modulo 1, in either mode
+    k, b = 4, 2000
+    expected = torch.arange(k, dtype=torch.float64)[:, None] / k
+    for shared in (True, False):
+        u = draw_uniforms(k, b, "stratified", shared=shared).double()
+        gaps = (u - u[:1]) % 1.0
+        gaps = torch.where(gaps > 1 - 1e-6, gaps - 1.0, gaps)
+        assert ((gaps - expected).abs() < 1e-6).all()
+        # the shift of example e: u[0, e] = frac(U_e + e / (k b))
+        shift = (u[0] - torch.arange(b, dtype=torch.float64) / (k * b)) % 1.0
+        shift = torch.where(shift > 1 - 1e-6, shift - 1.0, shift)
+        if shared:
+            assert (shift - shift[0]).abs().max() < 1e-6
+        else:  # independent U(0, 1) shifts: spread out and uncorrelated across examples
+            assert abs(shift.mean().item() - 0.5) < 0.03
+            assert abs(shift.var().item() - 1 / 12) < 0.01
+            assert abs(torch.corrcoef(torch.stack([shift[:-1], shift[1:]]))[0, 1].item()) < 0.1
+    u = draw_uniforms(k, b, "uniform", shared=True).double()
+    assert not (((u - u[:1]) % 1.0 - expected).abs() < 1e-3).all()  # no grid
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_stratified_draws_give_one_step_per_stratum_of_the_cdf(mode):
+    """With p = (1/4, 1/4, 1/8, 1/8, 1/16 x 4), the quarters of p's CDF are the steps {1}, {2},
+    {3, 4} and {5..8}: each example's 4 draws take one from each. In training the whole batch
+    is one grid: each step is drawn k B p(t) times (up to a float rounding)."""
+    from genkit_vdm.estimators import DenoisingMatchingELBO
+
+    torch.manual_seed(3)
+    p = [0.25, 0.25, 0.125, 0.125] + [0.0625] * 4
+    k, b = 4, 64
+    net = Counting(RandomEps(16))
+    m = _vdm(8, net=net)
+    getattr(m, mode)()
+    with torch.no_grad():
+        DenoisingMatchingELBO(t_samples=k, proposal=p)(m, _images(n=b))
+    t = net.steps[-1].view(k, b).sort(0).values  # row j*B + e is draw j of example e
+    assert (t[0] == 1).all() and (t[1] == 2).all()
+    assert ((t[2] >= 3) & (t[2] <= 4)).all() and (t[3] >= 5).all()
+    assert set(t[2].tolist()) == {3, 4}
+    if mode == "train":
+        counts = torch.bincount(net.steps[-1], minlength=9)[1:].double()
+        assert ((counts - k * b * torch.tensor(p, dtype=torch.float64)).abs() <= 1).all(), counts
+    # independent uniforms break the pattern
+    with torch.no_grad():
+        DenoisingMatchingELBO(t_samples=k, proposal=p, t_sampler="uniform")(m, _images(n=b))
+    t = net.steps[-1].view(k, b).sort(0).values
+    assert not ((t[0] == 1) & (t[1] == 2)).all()
+
+
+def test_pilot_proposal_is_fitted_once_favours_t_1_and_stays_unbiased():
+    """Evaluation mode, cold loss-aware estimator: the pilot fits p on the first batch (8
+    examples x the grid's steps, here every t = 1..8), charged to that call's nfe only; it
+    gives t = 1 far more than 1/T for a net whose L_1 dominates (:class:`NearOptimal`: L_1
+    about 19 nats, L_2 about 1, the later KLs hundredths); the estimates stay unbiased."""
+    from genkit_vdm.estimators import PILOT_EXAMPLES, DenoisingMatchingELBO
+
+    torch.manual_seed(6)
+    timesteps, x = 8, _images(n=2)
+    net = Counting(NearOptimal(x, timesteps))
+    m = _vdm(timesteps, net=net)
+    m.eval()
+    est = DenoisingMatchingELBO()  # loss_aware, no statistics yet
+    xb = x.repeat(8, 1, 1, 1)  # B = 16
+    grid = timesteps  # geomspace(1, 8, 24).round() hits every step
+    with torch.no_grad():
+        first = est(m, xb)
+    assert net.rows == [PILOT_EXAMPLES * grid, 16]
+    assert first.nfe == 1 + PILOT_EXAMPLES * grid / 16
+    assert sorted(set(net.steps[0].tolist())) == list(range(1, timesteps + 1))
+    net.rows.clear()
+    with torch.no_grad():
+        again = est(m, xb)
+    assert net.rows == [16] and again.nfe == 1  # fitted once
+    p, cost = est.probabilities(timesteps, x.device, model=m, x=xb)
+    assert cost == 0.0 and p.sum().item() == pytest.approx(1.0)
+    assert p[0] > 0.5 > 1 / timesteps and (p >= 0.05 / timesteps).all()
+    assert est.moments is None  # evaluation records nothing
+    # unbiased per term, against the exact sum
+    reps = 2000
+    exact = _replicated_terms(m, x, reps, "denoising_matching", t_samples=None)
+    sampled = _replicated_terms(m, x, reps, est)
+    _assert_unbiased_per_term(exact, sampled, reps)
+    # proposal="pilot" fits its own in training mode too; a warm loss-aware one needs none
+    with torch.no_grad():
+        assert DenoisingMatchingELBO(proposal="pilot")(m.train(), xb).nfe == first.nfe
+    warm = _warmed(m, x)
+    net.rows.clear()
+    with torch.no_grad():
+        assert warm(m.eval(), xb).nfe == 1 and net.rows == [16]
 
 
 class OffsetAtFirstStep(RandomEps):
@@ -343,10 +568,20 @@ def test_estimator_errors():
     m, x = _vdm(), _images()
     with pytest.raises(InvalidParameterError, match="t_samples"):
         m.elbo(x, "denoising_matching", t_samples=0)
-    with pytest.raises(InvalidParameterError, match="sampler"):
-        m.elbo(x, "denoising_matching", sampler="stratified")
-    with pytest.raises(InvalidParameterError, match="T - 1 = 9"):
-        m.elbo(x, "denoising_matching", sampler="importance", proposal=[1.0, 2.0])
+    with pytest.raises(InvalidParameterError, match="t_sampler 'importance'; choose from strat"):
+        m.elbo(x, "denoising_matching", t_sampler="importance")
+    with pytest.raises(InvalidParameterError, match="unexpected keyword argument 'sampler'"):
+        m.elbo(x, "denoising_matching", sampler="uniform")  # the old name is gone
+    with pytest.raises(InvalidParameterError, match="'bogus'; choose from loss_aware, uniform, pi"):
+        m.elbo(x, "denoising_matching", proposal="bogus")
+    with pytest.raises(InvalidParameterError, match=r"2 entries; .* steps 1\.\.10, 10 of them"):
+        m.elbo(x, "denoising_matching", proposal=[1.0, 2.0])
+    with pytest.raises(InvalidParameterError, match=r"10 entries; .* steps 2\.\.10, 9 of them"):
+        m.elbo(x, "denoising_matching", proposal=[1.0] * 10, reconstruction_every_step=True)
+    with pytest.raises(InvalidParameterError, match="positive numbers"):
+        m.elbo(x, "denoising_matching", proposal=[1.0, 0.0] * 5)
+    with pytest.raises(InvalidParameterError, match="uniform_mix"):
+        m.elbo(x, "denoising_matching", uniform_mix=0.0)
     vae = genkit.create_model("vae", (1, 4, 4), latent_dim=2, hidden=8, net="mlp")
     with pytest.raises(IncompatibleEstimatorError, match=r"q_posterior|closed-form"):
         vae.elbo(x, "denoising_matching")

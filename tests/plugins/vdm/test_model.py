@@ -61,7 +61,40 @@ def test_a_users_net_is_called_as_net_x_t_t():
     m.elbo(torch.zeros(3, 4), t_samples=None)
     assert all(dtype == torch.long and 1 <= lo <= hi <= 7 for _, dtype, lo, hi in calls)
     assert {lo for _, _, lo, _ in calls} >= {1, 2}
-    assert list(m.state_dict()) == ["decoder.net.scale"]
+    # the sampled estimators too: the integer steps themselves (no time_scale for a user's net)
+    calls.clear()
+    m.elbo(torch.zeros(3, 4))
+    m.eval()  # a cold loss-aware proposal fits its pilot here: more calls, still net(x_t, t)
+    m.elbo(torch.zeros(3, 4))
+    assert len(calls) >= 2
+    assert all(dtype == torch.long and 1 <= lo <= hi <= 7 for _, dtype, lo, hi in calls)
+    # the state: the user's parameters, and the loss-aware proposal's statistics (default)
+    assert list(m.state_dict()) == [
+        "decoder.net.scale",
+        "loss_moments.mean_sq",
+        "loss_moments.seen",
+    ]
+    uniform = genkit.create_model("vdm", (4,), timesteps=7, net=Zero(), t_proposal="uniform")
+    assert list(uniform.state_dict()) == ["decoder.net.scale"]
+
+
+def test_default_denoisers_see_the_step_itself_in_discrete_time():
+    """``time_scale`` is 1 in discrete time (1000 in continuous time, where t is in [0, 1]):
+    the embedding of the default nets sees the integer step."""
+    from genkit_vdm.unet import MLPDenoiser
+
+    for shape in [(5,), (1, 8, 8)]:
+        discrete = genkit.create_model("vdm", shape, timesteps=10, channels=8, hidden=16)
+        continuous = genkit.create_model("vdm", shape, timesteps=0, channels=8, hidden=16)
+        assert discrete.net.time_scale == 1.0 and continuous.net.time_scale == 1000.0
+    torch.manual_seed(0)
+    net = MLPDenoiser(3, hidden=8, depth=1)
+    torch.nn.init.normal_(net.net[-1].weight)  # not the zero output layer: t must show
+    scaled = MLPDenoiser(3, hidden=8, depth=1, time_scale=1000.0)
+    scaled.load_state_dict(net.state_dict())
+    x, t = torch.randn(2, 3), torch.tensor([0.003, 0.5])
+    torch.testing.assert_close(scaled(x, t), net(x, 1000 * t))
+    assert not torch.allclose(net(x, t), net(x, 1000 * t))
 
 
 def test_decoder_is_the_discretized_gaussian_with_scale_sqrt_beta_1():

@@ -58,13 +58,33 @@ def test_cosine_table_matches_nichol_and_dhariwal(timesteps):
     assert m.encoder.alpha_bar(t).item() == pytest.approx(f(t / timesteps) / f(0), rel=1e-9)
 
 
-def test_continuous_time_is_a_clear_error_for_now():
-    with pytest.raises(InvalidParameterError, match="continuous time"):
-        genkit.create_model("vdm", (2,), timesteps=0)
+def test_the_time_kind_and_the_schedule_kind_must_agree():
+    """``timesteps=0`` is continuous time (a log-SNR schedule), ``timesteps >= 1`` discrete time
+    (a table of betas): a schedule of the other kind is a clear error either way."""
+    from genkit_vdm.continuous import ContinuousVDM
+    from genkit_vdm.model import VDM
+
+    for name in ("linear", "cosine"):
+        with pytest.raises(InvalidParameterError, match=rf"'{name}' is a discrete-time schedule"):
+            genkit.create_model("vdm", (2,), timesteps=0, schedule=name, hidden=8, depth=1)
+    for name in ("learned", "fixed_linear"):
+        with pytest.raises(InvalidParameterError, match=rf"'{name}' .* needs timesteps=0, got 10"):
+            genkit.create_model("vdm", (2,), timesteps=10, schedule=name, hidden=8, depth=1)
+    continuous = genkit.create_model("vdm", (2,), timesteps=0, hidden=8, depth=1)
+    assert type(continuous) is ContinuousVDM and type(continuous.schedule).__name__ == "Learned"
+    fixed = genkit.create_model(
+        "vdm", (2,), timesteps=0, schedule="fixed_linear", hidden=8, depth=1
+    )
+    assert type(fixed) is ContinuousVDM and type(fixed.schedule).__name__ == "FixedLinear"
+    assert type(genkit.create_model("vdm", (2,), timesteps=3, hidden=8, depth=1)) is VDM
+    # the discrete-time estimator settings are refused in continuous time
+    for params in ({"t_proposal": "uniform"}, {"reconstruction_every_step": True}):
+        with pytest.raises(InvalidParameterError, match="discrete time only"):
+            genkit.create_model("vdm", (2,), timesteps=0, hidden=8, depth=1, **params)
 
 
 def test_unknown_schedule_lists_the_registered_ones():
-    with pytest.raises(UnknownNameError, match="cosine, linear"):
+    with pytest.raises(UnknownNameError, match="cosine, fixed_linear, learned, linear"):
         genkit.create_model("vdm", (2,), schedule="cosin")
 
 

@@ -1,0 +1,220 @@
+"""The variational diffusion model in continuous time (Kingma et al. 2021): ``timesteps=0``.
+
+The discrete VDM's chain ``x -> x_1 -> ... -> x_T`` with ``T -> infinity``: latents ``z_t`` for
+``t in [0, 1]``, the fixed encoder ``q(z_t|x) = N(alpha_t x, sigma_t^2 I)`` on a log-SNR
+schedule ``lambda(t)`` (:mod:`genkit_vdm.logsnr`), the reverse step ``p(z_s|z_t) = q(z_s|z_t,
+x = x0_hat(z_t, t))`` for ``s < t``, ``p(z_1) = N(0, I)`` and a decoder ``p(x|z_0)`` with no
+network: a discretized Gaussian over the 256 bins (vectors: a Gaussian density) with mean
+``z_0 / alpha_0`` and scale ``sigma_0 / alpha_0``, the inverse of the encoder's first step.
+
+Its ELBO (Kingma et al. eqs. 11-17; docs/vdm.md derives it as the limit of the lecture's
+denoising-matching sum)::
+
+    ELBO = E_{q(z_0|x)}[log p(x|z_0)]                                      reconstruction
+         - KL(q(z_1|x) || N(0, I))                                          prior_matching
+         - 1/2 E_{t ~ U(0,1), eps}[-lambda'(t) ||eps - eps_hat(z_t, t)||^2]  denoising_matching
+
+with ``z_t = alpha_t x + sigma_t eps``. One network call per draw of ``t``; the reconstruction
+and the prior matching cost none.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from einops import reduce, repeat
+from torch import Tensor, nn
+from torch.distributions import Distribution, Independent, Normal, kl_divergence
+
+from genkit import likelihoods
+from genkit.distributions import DiscretizedGaussian
+from genkit.elbo import ELBO, ELBOTerms
+from genkit.errors import InvalidParameterError
+from genkit.model import LatentVariableModel, StandardNormalPrior, check_count
+from genkit_vdm.encoder import ContinuousForwardProcess, expand_like
+from genkit_vdm.logsnr import LogSNRSchedule, minimise_variance
+from genkit_vdm.model import (
+    ReverseProcess,
+    VDMConfig,
+    build_schedule,
+    default_denoiser,
+    vdm_estimator,
+)
+
+if TYPE_CHECKING:
+    from genkit_vdm.logsnr import LogSNR
+
+
+class ContinuousReverseProcess(ReverseProcess):
+    """The learned reverse process in continuous time. ``predict(z_t, t)`` (shared with the
+    discrete one) reads ``net(z_t, t)``, ``t`` a float in [0, 1]; ``p_step(z_t, t, s)`` is
+    ``p(z_s|z_t)``; called as a :class:`~genkit.model.Decoder` it is ``p(x|z_0)``."""
+
+    encoder: ContinuousForwardProcess
+
+    def p_step(self, z_t: Tensor, t: Tensor | float, s: Tensor | float) -> Distribution:
+        """``p(z_s | z_t) = q(z_s | z_t, x = x0_hat(z_t, t))`` for ``0 <= s < t <= 1``."""
+        t = self.encoder.times(t, z_t.shape[0])
+        return self.encoder.q_posterior(z_t, self.predict(z_t, t).x0, t, s)
+
+    def decoder_at(self, z_0: Tensor, log_snr_0: Tensor) -> Distribution:
+        """``p(x | z_0)``: mean ``z_0 / alpha_0``, scale ``sigma_0 / alpha_0 = exp(-lambda(0)/2)``."""
+        alpha, _ = self.encoder.coefficients(log_snr_0)
+        mean = z_0 / expand_like(alpha.reshape(-1), z_0)
+        scale = torch.exp(-0.5 * log_snr_0).to(z_0.dtype).reshape(-1)
+        scale = expand_like(scale, z_0).expand_as(z_0)
+        if self.likelihood == "discretized_gaussian":
+            return Independent(DiscretizedGaussian(mean, scale), z_0.dim() - 1)
+        return Independent(Normal(mean, scale), z_0.dim() - 1)
+
+    def forward(self, z_0: Tensor) -> Distribution:
+        """``p(x | z_0)``, the decoder (no network call), ``z_0: (B, *data_shape)``."""
+        return self.decoder_at(z_0, self.encoder.log_snr(0.0))
+
+
+def draw_uniforms(
+    k: int, b: int, sampler: str, *, shared: bool, device: torch.device | None = None
+) -> Tensor:
+    """``(k, b)`` numbers in [0, 1), the ``k`` draws of each of ``b`` examples.
+
+    ``uniform``: independent. ``stratified`` (Kingma et al.'s low-discrepancy sampler):
+    ``u_{j,e} = frac(U + (j b + e) / (k b))``, an evenly spaced grid with a random shift, so each
+    example's ``k`` draws lie ``1/k`` apart; with ``shared`` one ``U`` for the whole call (the
+    draws of different examples are spread too: training), otherwise one ``U`` per example (the
+    examples are independent, as an honest Monte-Carlo error needs: evaluation). Every
+    ``u_{j,e}`` is uniform on [0, 1), so any estimator averaging ``f(u)`` stays unbiased.
+    """
+    if sampler == "uniform":
+        return torch.rand(k, b, device=device)
+    n = k * b
+    grid = torch.arange(n, device=device, dtype=torch.float64).view(k, b) / n
+    shift = torch.rand((1, 1) if shared else (1, b), device=device, dtype=torch.float64)
+    # below 1 in float32 too (a float64 value within 2^-25 of 1 would round up to 1.0)
+    return torch.frac(grid + shift).float().clamp(max=1.0 - 2.0**-24)
+
+
+def diffusion_loss(model: ContinuousVDM, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, LogSNR]:
+    """At one draw ``z_t = alpha_t x + sigma_t eps`` per row (``x: (N, ...)``, ``t: (N,)``):
+    ``L = -1/2 lambda'(t) ||eps - eps_hat(z_t, t)||^2`` and ``||eps - eps_hat||^2``, each
+    ``(N,)``, and the schedule's values at ``t``."""
+    log_snr = model.encoder.log_snr_and_slope(t)
+    alpha, sigma = model.encoder.coefficients(log_snr.value)
+    eps = torch.randn_like(x)
+    z_t = expand_like(alpha, x) * x + expand_like(sigma, x) * eps
+    pred = model.decoder.predict(z_t, t, signal_noise=(alpha, sigma))
+    sq_err = reduce((eps - pred.eps).float().square(), "n ... -> n", "sum")
+    return -0.5 * log_snr.slope * sq_err, sq_err, log_snr
+
+
+def continuous_elbo(model: ContinuousVDM, x: Tensor, t_samples: int, sampler: str) -> ELBOTerms:
+    """The continuous-time ELBO of ``x: (B, ...)`` (module docstring), ``t_samples`` draws of
+    ``t`` per example by :func:`draw_uniforms` (shared shift in training mode). Extra ``simple``:
+    ``-E_t ||eps - eps_hat||^2``, the unweighted loss (Ho et al.'s L_simple in continuous t)."""
+    b = x.shape[0]
+    u = draw_uniforms(t_samples, b, sampler, shared=model.training, device=x.device)
+    t = u.reshape(-1)  # row j * B + e: draw j of example e
+    loss, sq_err, log_snr = diffusion_loss(model, repeat(x, "b ... -> (k b) ...", k=t_samples), t)
+    minimise_variance(log_snr, loss)
+    ends = model.encoder.log_snr_and_slope(torch.tensor([0.0, 1.0])).value  # lambda(0), lambda(1)
+    alpha_0, sigma_0 = model.encoder.coefficients(ends[0])
+    z_0 = alpha_0 * x + sigma_0 * torch.randn_like(x)
+    alpha_1, sigma_1 = model.encoder.coefficients(ends[1])
+    q_1 = Independent(Normal(alpha_1 * x, sigma_1.expand_as(x)), x.dim() - 1)
+    terms = {
+        "reconstruction": model.decoder.decoder_at(z_0, ends[0]).log_prob(x),
+        "prior_matching": -kl_divergence(q_1, model.prior()),
+        "denoising_matching": -reduce(loss, "(k b) -> b", "mean", k=t_samples),
+    }
+    simple = -reduce(sq_err, "(k b) -> b", "mean", k=t_samples)
+    return ELBOTerms(
+        terms=terms, num_dims=model.num_dims, extras={"simple": simple}, nfe=float(t_samples)
+    )
+
+
+class ContinuousVDM(LatentVariableModel):
+    """The continuous-time variational diffusion model (module docstring).
+
+    Parts: ``encoder`` (:class:`~genkit_vdm.encoder.ContinuousForwardProcess`, owning the
+    schedule, which has parameters when it is ``learned``), ``decoder`` (the reverse process,
+    owning ``net``), ``prior`` (``N(0, I)``). Not a Markov chain of finitely many latents, so
+    the ``consistency`` estimator does not apply (an
+    :class:`~genkit.errors.IncompatibleEstimatorError`).
+    """
+
+    default_estimator = "denoising_matching"
+    #: Continuous time: no finite number of steps.
+    timesteps = 0
+
+    def __init__(
+        self,
+        data_shape: tuple[int, ...],
+        config: VDMConfig | None = None,
+        net: nn.Module | None = None,
+    ) -> None:
+        super().__init__(data_shape)
+        from genkit_vdm.estimators import DenoisingMatchingELBO
+
+        self.config = cfg = config or VDMConfig(timesteps=0)
+        if not cfg.continuous:
+            raise InvalidParameterError("ContinuousVDM needs timesteps=0")
+        schedule = build_schedule(cfg)
+        assert isinstance(schedule, LogSNRSchedule)
+        self.encoder = ContinuousForwardProcess(schedule)
+        lik = likelihoods.resolve(cfg.likelihood, self.data_shape)
+        self.decoder = ContinuousReverseProcess(
+            net if net is not None else default_denoiser(self.data_shape, cfg),
+            self.encoder,
+            cfg.parameterization,
+            lik,
+        )
+        self.prior = StandardNormalPrior(self.data_shape)
+        self.default_estimator = DenoisingMatchingELBO(**self._estimator_settings())
+
+    def _estimator_settings(self) -> dict[str, Any]:
+        return {"t_samples": self.config.t_samples, "t_sampler": self.config.t_sampler}
+
+    def estimator(
+        self, name: str | ELBO | None = None, *, evaluation: bool = False, **params: Any
+    ) -> ELBO:
+        """The estimator of ``elbo(x, name, **params)``: ``denoising_matching`` (the only one in
+        continuous time) with the model's ``t_samples`` and ``t_sampler`` overridden by
+        ``params``; ``evaluation=True``: ``t_samples`` defaults to ``config.eval_t_samples``."""
+        return vdm_estimator(self, name, evaluation, params)
+
+    @property
+    def net(self) -> nn.Module:
+        """The denoising network ``net(z_t, t)``, ``t`` a float in [0, 1]."""
+        return self.decoder.net
+
+    @property
+    def schedule(self) -> LogSNRSchedule:
+        """The log-SNR schedule ``lambda(t)``."""
+        return self.encoder.schedule
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        clip: bool | None = None,
+        final: str = "mode",
+    ) -> Tensor:
+        """``n`` draws, ``(n, *data_shape)``, on ``steps`` equal steps of ``t`` (default
+        ``config.sample_steps``). ``eta``: 1 is ancestral sampling from ``p(z_s|z_t)``, 0 the
+        deterministic DDIM-like sampler; by default ancestral when ``steps`` is not given and
+        deterministic when it is (as the discrete model's DDIM). See
+        :func:`genkit_vdm.sampling.continuous`."""
+        from genkit_vdm.sampling import continuous
+
+        n = check_count("n", n)
+        clip = self.config.clip_denoised and len(self.data_shape) == 3 if clip is None else clip
+        if eta is None:
+            eta = 1.0 if steps is None else 0.0
+        steps = self.config.sample_steps if steps is None else steps
+        return continuous(self, n, steps, eta=eta, generator=generator, clip=clip, final=final)
+
+
+__all__ = ["ContinuousReverseProcess", "ContinuousVDM", "continuous_elbo", "draw_uniforms"]
