@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pluggy
 
 if TYPE_CHECKING:
-    from genkit.training.trainer import EvalResult
+    from genkit.evaluation import EvalResult
 
 hookspec = pluggy.HookspecMarker("genkit")
 hookimpl = pluggy.HookimplMarker("genkit")
@@ -150,6 +150,6 @@ def on_train_end(trainer: Any, step: int, result: EvalResult | None) -> None:
     :param step: the number of optimisation steps done (``trainer.step``). A non-finite value
         is caught before its update on the CPU, so ``step`` is then that of the last good
         step; on a GPU it is found at the next sync, and ``step`` counts up to that sync.
-    :param result: the final test :class:`genkit.training.EvalResult` (EMA weights); ``None``
+    :param result: the final test :class:`genkit.evaluation.EvalResult` (EMA weights); ``None``
         when there is no test split, the run was stopped by a signal, or it ended on an error.
     """

@@ -149,3 +149,33 @@ def check_count(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise InvalidParameterError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
+
+
+def check_sample_params(
+    model: LatentVariableModel, params: dict[str, Any], name: str, option: str = "sample_params"
+) -> dict[str, Any]:
+    """``params`` if each is a keyword ``model.sample`` takes besides ``n`` and ``generator``
+    (anything, if it takes ``**kwargs``), else one :class:`~genkit.errors.InvalidParameterError`
+    line naming model ``name``, the key (with "did you mean") and the keys it takes."""
+    import inspect
+
+    from genkit.config import did_you_mean
+    from genkit.errors import InvalidParameterError
+
+    accepted = list(inspect.signature(model.sample).parameters.values())
+    fixed = {"n": "-n", "generator": "--seed"}
+    settable = [
+        p.name
+        for p in accepted
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in fixed
+    ]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted)
+    for key in params:
+        if key in fixed:
+            raise InvalidParameterError(f"{option} {key}: set it with {fixed[key]}, not {option}")
+        if key not in settable and not takes_any:
+            raise InvalidParameterError(
+                f"model '{name}' sample() has no parameter '{key}'{did_you_mean(key, settable)} "
+                f"(its parameters: {', '.join(settable) or 'none'})"
+            )
+    return params

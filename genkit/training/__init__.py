@@ -5,7 +5,8 @@ the ELBO with AdamW, EMA, clipping, bf16 autocast, ``torch.compile``, TensorBoar
 exact-resume checkpoints and DDP under ``torchrun``. See ``docs/training.md``.
 """
 
+from genkit.evaluation import EvalResult
 from genkit.training.config import TrainConfig, apply_overrides, make_config, parse_value
-from genkit.training.trainer import EvalResult, Trainer
+from genkit.training.trainer import Trainer
 
 __all__ = ["EvalResult", "TrainConfig", "Trainer", "apply_overrides", "make_config", "parse_value"]

@@ -18,7 +18,7 @@ from genkit.errors import CheckpointError, ConfigError, DataError
 from genkit.training import checkpoint as ckpt
 from genkit.training import distributed
 from genkit.training.config import apply_overrides, make_config, parse_pairs
-from genkit.training.logging import format_table, image_grid, save_png
+from genkit.training.logging import format_result, image_grid, save_png
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
@@ -134,9 +134,8 @@ def train(
         result = trainer.fit(resume=resume)
         if result is not None and info.is_main and not quiet:
             click.echo(
-                format_table(
-                    result.rows(),
-                    result.num_dims,
+                format_result(
+                    result,
                     title=f"test split, {result.count} examples, EMA weights, step {trainer.step}",
                 )
             )
@@ -168,33 +167,60 @@ def load_run(
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--estimator", default=None, help="ELBO estimator (default: the run's).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Estimator parameter.")
+@click.option(
+    "--mc-se",
+    "mc_se",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="Draw until the Monte-Carlo standard error of the mean bits/dim is at most this "
+    "(0: no target, two draws).",
+)
+@click.option(
+    "--max-nfe",
+    "max_nfe",
+    type=float,
+    default=1000.0,
+    show_default=True,
+    help="Network evaluations per example at most (0: no limit).",
+)
 @click.option("--split", default="test", show_default=True)
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Default: the latest.")
 @click.option("--no-ema", is_flag=True, help="Evaluate the raw weights instead of the EMA.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the result.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @CACHE_DIR
 def eval_(
     run_dir: Path,
     estimator: str | None,
     params: tuple[str, ...],
+    mc_se: float,
+    max_nfe: float,
     split: str,
     batch_size: int,
     checkpoint: Path | None,
     no_ema: bool,
     seed: int,
+    json_out: Path | None,
     device: str,
     cache_dir: Path | None,
 ) -> None:
-    """Test ELBO terms and bits/dim with standard errors (EMA weights).
+    """Test bits/dim and every ELBO term with se (over the examples) and mc_se (Monte Carlo),
+    drawing until mc_se <= --mc-se or --max-nfe network evaluations per example are spent.
 
     \b
     genkit eval runs/vae
-    genkit eval runs/vae --estimator iwae --param k=64
+    genkit eval runs/vae --estimator iwae --param k=64 --json iwae.json
+    genkit eval runs/vdm --mc-se 0.005 --max-nfe 400
+    genkit eval runs/vdm --estimator ode --param rtol=1e-4
     """
-    from genkit.training.trainer import evaluate_model
+    from genkit.evaluation import evaluate
 
+    for flag, value in (("--mc-se", mc_se), ("--max-nfe", max_nfe)):
+        if not value >= 0:
+            raise ConfigError(f"{flag} must be a number >= 0 (0: none), got {value}")
     model, info, path = load_run(run_dir, checkpoint=checkpoint, use_ema=not no_ema, device=device)
     estimator_params = dict(parse_pairs(params, option="--param"))
     if estimator is None:
@@ -203,22 +229,29 @@ def eval_(
             estimator_params = dict(info["train"].get("eval_estimator_params") or {})
     dataset = _open(info["data"], split, cache_dir=cache_dir)
     torch.manual_seed(seed)
-    result = evaluate_model(
+    channels_last = bool(info["train"].get("channels_last", True)) and len(model.data_shape) == 3
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    result = evaluate(
         model,
         dataset,
-        batch_size=batch_size,
         estimator=estimator,
-        estimator_params=estimator_params,
+        params=estimator_params,
+        mc_se=mc_se or None,
+        max_nfe=max_nfe or None,
+        batch_size=batch_size,
+        channels_last=channels_last,
     )
-    name = estimator or "model default"
     click.echo(
-        format_table(
-            result.rows(),
-            result.num_dims,
-            title=f"{split} split, {result.count} examples, estimator {name}, "
+        format_result(
+            result,
+            title=f"{split} split, {result.count} examples, estimator {result.estimator}, "
             f"{'raw' if no_ema else 'EMA'} weights of {path.name}",
         )
     )
+    if json_out is not None:
+        text = json.dumps(result.to_json(checkpoint=str(path)), indent=2) + "\n"
+        ckpt.write_atomic(json_out, lambda f: f.write(text.encode()), what="evaluation JSON")
 
 
 @click.command("sample")
@@ -270,31 +303,12 @@ def sample(
     genkit sample runs/vdm -n 64 --param steps=50 --param eta=0 --out grid.png
     genkit sample runs/vdm --upscale 8 --padding 4 --out big.png
     """
-    import inspect
-
-    from genkit.config import did_you_mean
-    from genkit.errors import InvalidParameterError
+    from genkit.model import check_sample_params
 
     model, info, _path = load_run(run_dir, checkpoint=checkpoint, use_ema=not no_ema, device=device)
-    sample_params = dict(parse_pairs(params, option="--param"))
-    # which keywords sample() takes, less the count (-n) and the generator (--seed)
-    accepted = list(inspect.signature(model.sample).parameters.values())
-    fixed = {"n": "-n", "generator": "--seed"}
-    settable = [
-        p.name
-        for p in accepted
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in fixed
-    ]
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted)
-    name = info["model"]["name"]
-    for key in sample_params:
-        if key in fixed:
-            raise InvalidParameterError(f"--param {key}: set it with {fixed[key]}, not --param")
-        if key not in settable and not takes_any:
-            raise InvalidParameterError(
-                f"model '{name}' sample() has no parameter '{key}'{did_you_mean(key, settable)} "
-                f"(its parameters: {', '.join(settable) or 'none'})"
-            )
+    sample_params = check_sample_params(
+        model, dict(parse_pairs(params, option="--param")), info["model"]["name"], "--param"
+    )
     torch.manual_seed(seed)
     generator = torch.Generator(model.device).manual_seed(seed)
     with torch.no_grad():

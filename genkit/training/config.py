@@ -55,10 +55,14 @@ class TrainConfig:
     test evaluation).
     """
 
-    #: Optimisation steps in total (ignored when ``epochs`` is set).
+    #: Optimisation steps in total (ignored when ``epochs`` or ``minutes`` is set).
     steps: int = attrs.field(default=2000, validator=v.ge(1))
     #: Train for this many passes over the training split instead of ``steps``.
     epochs: int | None = attrs.field(default=None, validator=_positive_or_none)
+    #: Train for this many minutes of optimisation steps (evaluation and checkpoints not
+    #: counted) instead of ``steps``: the step count is fixed after ``CALIBRATION_STEPS``
+    #: (20) steps from their measured time, and kept on resume.
+    minutes: float | None = attrs.field(default=None, validator=_positive_or_none)
     #: Global batch size (split evenly over the processes under ``torchrun``).
     batch_size: int = attrs.field(default=64, validator=v.ge(1))
     # -- AdamW ---------------------------------------------------------------------------
@@ -82,6 +86,9 @@ class TrainConfig:
     precision: str = attrs.field(default="fp32", validator=_choice("fp32", "bf16"))
     device: str = attrs.field(default="auto", validator=_choice("auto", "cpu", "cuda"))
     compile: bool = False
+    #: Image models and batches in ``torch.channels_last`` (NHWC) memory format, faster for
+    #: convolutions on CPU and CUDA; no effect on vector data.
+    channels_last: bool = True
     num_workers: int = attrs.field(default=0, validator=v.ge(0))
     #: ``torch.set_num_threads`` for this process (``None``: torch's default, one per core).
     num_threads: int | None = attrs.field(default=None, validator=_positive_or_none)
@@ -89,14 +96,27 @@ class TrainConfig:
     find_unused_parameters: bool = False
     # -- evaluation, checkpoints, logging ------------------------------------------------
     eval_every: int = attrs.field(default=500, validator=v.ge(0))
+    #: Instead of ``eval_every``: this many periodic evaluations spread evenly over the run
+    #: (at steps ``round(k total / eval_points)``, k = 1..eval_points - 1; the last one is the
+    #: final evaluation), placed once ``total_steps`` is known (after the calibration of a
+    #: ``minutes`` budget).
+    eval_points: int | None = attrs.field(default=None, validator=_positive_or_none)
     #: Batches of the test split per periodic evaluation (``None``: all of it).
     eval_batches: int | None = attrs.field(default=None, validator=_positive_or_none)
     eval_batch_size: int = attrs.field(default=256, validator=v.ge(1))
     #: Estimator for evaluation (a registered name; ``None``: the model's default).
     eval_estimator: str | None = None
     eval_estimator_params: dict[str, Any] = attrs.field(factory=dict)
+    #: The evaluation at the end of training draws until the Monte-Carlo standard error of
+    #: the test bits/dim is at most ``eval_mc_se`` (``None``: two draws), within
+    #: ``eval_max_nfe`` network evaluations per example (``None``: no limit). Periodic
+    #: evaluations take two draws.
+    eval_mc_se: float | None = attrs.field(default=0.01, validator=_positive_or_none)
+    eval_max_nfe: float | None = attrs.field(default=1000.0, validator=_positive_or_none)
     #: Number of samples drawn into the image grid at each evaluation (image data only).
     num_samples: int = attrs.field(default=64, validator=v.ge(0))
+    #: Keyword arguments of ``model.sample`` for those grids (e.g. ``{steps = 50}`` for a VDM).
+    sample_params: dict[str, Any] = attrs.field(factory=dict)
     checkpoint_every: int = attrs.field(default=500, validator=v.ge(0))
     keep_checkpoints: int = attrs.field(default=3, validator=v.ge(1))
     log_every: int = attrs.field(default=50, validator=v.ge(0))
@@ -107,6 +127,12 @@ class TrainConfig:
     #: Terms whose weight ramps linearly from 0 to its value over ``warmup_steps``.
     warmup_terms: list[str] = attrs.field(factory=list)
     warmup_steps: int = attrs.field(default=0, validator=v.ge(0))
+
+    def __attrs_post_init__(self) -> None:
+        if self.epochs is not None and self.minutes is not None:
+            raise ValueError(
+                "give one budget: 'epochs' or 'minutes' (or 'steps'), not both epochs and minutes"
+            )
 
     def term_weights(self, step: int) -> dict[str, float]:
         """The objective weights at ``step`` (steps done so far): ``w_k * min(1, step /
@@ -166,7 +192,7 @@ def apply_overrides(
     """
     train, model = dict(train), dict(model)
     valid = field_names(TrainConfig)
-    tables = ("objective_weights", "eval_estimator_params")
+    tables = ("objective_weights", "eval_estimator_params", "sample_params")
     for key, value in parse_pairs(pairs):
         head, _, rest = key.partition(".")
         if head == "model" and rest:

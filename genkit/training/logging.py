@@ -131,7 +131,7 @@ class RunLogger:
         run_dir: Path | None,
         *,
         enabled: bool,
-        total: int,
+        total: int | None,
         initial: int,
         progress: bool,
         purge_step: int | None = None,
@@ -176,6 +176,12 @@ class RunLogger:
         for event in hparams(flat, {}):
             self.writer.file_writer.add_summary(event)
 
+    def set_total(self, total: int) -> None:
+        """The progress bar's total, once a wall-clock budget has fixed it."""
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def progress(self, steps: int, postfix: Mapping[str, float] | None = None) -> None:
         if self.bar is not None:
             self.bar.update(steps)
@@ -206,15 +212,42 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def format_table(
-    rows: Sequence[tuple[str, float, float | None]], num_dims: int, *, title: str = ""
+    rows: Sequence[tuple[str, float, float | None] | tuple[str, float, float | None, float | None]],
+    num_dims: int,
+    *,
+    title: str = "",
 ) -> str:
     """A short table: term, nats (± standard error), bits/dim ``-nats / (D ln 2)`` (± the
-    standard error over ``D ln 2``)."""
+    standard error over ``D ln 2``) and, where rows carry a fourth value, the Monte-Carlo
+    standard error ``mc_se`` of the bits/dim."""
     scale = num_dims * LN2
+    with_mc = any(len(row) > 3 for row in rows)
     lines = [title] if title else []
-    lines.append(f"{'term':<28}{'nats':>22}{'bits/dim':>20}")
-    for name, value, se in rows:
+    lines.append(
+        f"{'term':<28}{'nats':>22}{'bits/dim':>20}" + (f"{'mc_se':>10}" if with_mc else "")
+    )
+    for name, value, se, *rest in rows:
         nats = f"{value:.4f}" + (f" ± {se:.4f}" if se is not None else "")
         bits = f"{-value / scale:.4f}" + (f" ± {se / scale:.4f}" if se is not None else "")
-        lines.append(f"{name:<28}{nats:>22}{bits:>20}")
+        mc = rest[0] if rest else None
+        tail = ""
+        if with_mc:
+            tail = (
+                f"{mc / scale:>10.4f}" if mc is not None and math.isfinite(mc) else f"{'n/a':>10}"
+            )
+        lines.append(f"{name:<28}{nats:>22}{bits:>20}{tail}")
     return "\n".join(lines)
+
+
+def format_result(result: Any, *, title: str = "") -> str:
+    """:func:`format_table` of an :class:`~genkit.evaluation.EvalResult` with its ``mc_se``
+    column, then one line on the budget it used (:func:`genkit.evaluation.describe`)."""
+    from genkit.evaluation import describe
+
+    rows = [(name, value, se, _mc(result, name)) for name, value, se in result.rows()]
+    return format_table(rows, result.num_dims, title=title) + "\n" + describe(result)
+
+
+def _mc(result: Any, row_name: str) -> float | None:
+    name = row_name.removeprefix("extra: ")
+    return result.mc_se.get(name)

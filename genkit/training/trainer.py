@@ -21,16 +21,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import random
 import signal
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import attrs
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -39,31 +38,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from genkit.elbo import LN2, ELBOTerms
 from genkit.errors import CheckpointError, ConfigError, DataError, NonFiniteError
+from genkit.evaluation import EvalResult, evaluate
 from genkit.training import checkpoint as ckpt
 from genkit.training import distributed
 from genkit.training.config import TrainConfig, config_dict
 from genkit.training.logging import MetricAccumulator, RunLogger, image_grid, with_totals
 
-
-@attrs.frozen
-class EvalResult:
-    """Mean per-sample ELBO terms on a split, each with its standard error ``std / sqrt(N)``.
-
-    ``means``/``stderrs`` hold every term and extra plus ``elbo`` and ``bits_per_dim``.
-    """
-
-    means: dict[str, float]
-    stderrs: dict[str, float]
-    count: int
-    num_dims: int
-    terms: list[str]
-    extras: list[str]
-
-    def rows(self) -> list[tuple[str, float, float]]:
-        """``(name, nats, standard error)`` for each term, the total ``elbo`` (their sum), then
-        each extra (not part of the sum), named ``extra: NAME``."""
-        rows = [(n, self.means[n], self.stderrs[n]) for n in [*self.terms, "elbo"]]
-        return rows + [(f"extra: {n}", self.means[n], self.stderrs[n]) for n in self.extras]
+#: With a ``minutes`` budget, the step after which the step time is measured and
+#: ``total_steps`` fixed: every run takes at least this many steps.
+CALIBRATION_STEPS = 20
 
 
 @contextlib.contextmanager
@@ -135,56 +118,6 @@ def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) ->
     )
 
 
-@torch.no_grad()
-def evaluate_model(
-    model: nn.Module,
-    dataset: Dataset,
-    *,
-    batch_size: int = 256,
-    max_batches: int | None = None,
-    estimator: str | None = None,
-    estimator_params: Mapping[str, Any] | None = None,
-) -> EvalResult:
-    """Every ELBO term of ``model`` on ``dataset`` (in order, fp32, eval mode): per-sample
-    values averaged over the examples, with standard errors ``std / sqrt(N)``."""
-    params = dict(estimator_params or {})
-    device = model.device
-    was_training = model.training
-    model.eval()
-    per_sample: dict[str, list[Tensor]] = {}
-    terms: list[str] = []
-    extras: list[str] = []
-    try:
-        for i, batch in enumerate(make_eval_loader(dataset, batch_size)):
-            if max_batches is not None and i >= max_batches:
-                break
-            x = batch_tensor(batch).to(device)  # (B, *data_shape)
-            if estimator is None and not params:
-                out = model.elbo(x)
-            else:
-                out = model.elbo(x, estimator, **params)
-            terms, extras = list(out.terms), list(out.extras)
-            values = {
-                **out.terms,
-                **out.extras,
-                "elbo": out.total,
-                "bits_per_dim": out.bits_per_dim(),
-            }
-            for k, v in values.items():
-                per_sample.setdefault(k, []).append(v.detach().double().cpu())
-    finally:
-        model.train(was_training)
-    if not per_sample:
-        raise DataError("the evaluation split is empty")
-    means, stderrs = {}, {}
-    for k, chunks in per_sample.items():
-        v = torch.cat(chunks)  # (N,)
-        means[k] = v.mean().item()
-        stderrs[k] = (v.std(correction=1) / math.sqrt(v.numel())).item() if v.numel() > 1 else 0.0
-    count = sum(c.numel() for c in per_sample["elbo"])
-    return EvalResult(means, stderrs, count, int(model.num_dims), terms, extras)
-
-
 class Trainer:
     """Trains ``model`` on ``train_dataset`` by its ELBO (see the module docstring).
 
@@ -237,7 +170,11 @@ class Trainer:
         self.catalog = catalog
         self._warned_hooks: set[tuple[str, str]] = set()
 
-        self.model = model.to(self.device)
+        # image models in channels_last (NHWC) where asked: 1.6-4x faster convolutions on CPU
+        # (benchmarks/unet_speed.py), the tensor-core layout on CUDA
+        self._channels_last = config.channels_last and len(tuple(model.data_shape)) == 3
+        memory_format = torch.channels_last if self._channels_last else torch.preserve_format
+        self.model = model.to(self.device, memory_format=memory_format)
         self.model.train()
         self.num_dims = int(model.num_dims)
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -275,14 +212,25 @@ class Trainer:
                 f"the train split has {len(train_dataset)} examples, fewer than one batch of "
                 f"{self.local_batch_size} per process; lower batch_size"
             )
-        self.total_steps = (
-            config.epochs * self.batches_per_epoch if config.epochs is not None else config.steps
+        #: Optimisation steps in all. With ``minutes`` it is provisional (``None``) until
+        #: :meth:`_calibrate` fixes it from the measured step time after ``CALIBRATION_STEPS``.
+        self.total_steps: int | None = (
+            None
+            if config.minutes is not None
+            else config.epochs * self.batches_per_epoch
+            if config.epochs is not None
+            else config.steps
         )
-        total = self.total_steps
+        #: Seconds spent in optimisation steps (not evaluation or checkpoints), resumed.
+        self.train_seconds = 0.0
+        #: Every test evaluation so far (periodic and final, rank 0): ``{"step",
+        #: "train_seconds", "bits_per_dim", "se", "mc_se", "examples"}``; kept in checkpoints.
+        self.eval_history: list[dict[str, float]] = []
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: config.lr_factor(s, total)
+            self.optimizer, lambda s: config.lr_factor(s, self.total_steps or 10**9)
         )
         self._iter: Iterator[Any] | None = None
+        self._first_step_seconds: float | None = None
         self._acc: MetricAccumulator | None = None
         self._term_names: list[str] = []
         self._extra_names: list[str] = []
@@ -364,15 +312,23 @@ class Trainer:
             self.logger.close()
             self.logger = None
 
-    def train(self, until: int) -> None:
-        """Take optimisation steps until ``self.step == until`` (or a stop signal)."""
+    def train(self, until: int | None = None) -> None:
+        """Take optimisation steps until ``self.step == until`` (default: ``total_steps``, which
+        a ``minutes`` budget fixes on the way) or a stop signal."""
         cfg = self.config
-        while self.step < until:
+        while self.step < (until if until is not None else self._total()):
+            began = time.perf_counter()
             self.train_step(self._next_batch())
+            elapsed = time.perf_counter() - began
+            self.train_seconds += elapsed
             step = self.step
+            if step == 1:  # one-off costs (first batch fetch, allocations): left out of the rate
+                self._first_step_seconds = elapsed
+            if self.total_steps is None and step == CALIBRATION_STEPS:
+                self._calibrate()
             if cfg.log_every and step % cfg.log_every == 0:
                 self._flush_metrics()
-            if self._should_stop(step, until):
+            if self._should_stop(step, until if until is not None else self._total()):
                 self.interrupted = signal.Signals(self._stop_signal or signal.SIGTERM).name
                 self._flush_metrics()
                 self.save_checkpoint()
@@ -383,15 +339,66 @@ class Trainer:
                         flush=True,
                     )
                 return
-            if cfg.eval_every and step % cfg.eval_every == 0 and self.test_dataset is not None:
+            if self._eval_due(step) and self.test_dataset is not None:
                 self.evaluate_and_log()
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
         self._flush_metrics()
 
+    def _record_eval(self, result: EvalResult) -> None:
+        """Append an evaluation to ``eval_history``, the learning curve kept in checkpoints."""
+        bits = result.bits()
+        self.eval_history.append(
+            {
+                "step": self.step,
+                "train_seconds": self.train_seconds,
+                "eval_history": list(self.eval_history),
+                "bits_per_dim": bits["mean"],
+                "se": bits["se"],
+                "mc_se": bits["mc_se"],
+                "examples": result.count,
+            }
+        )
+
+    def _eval_due(self, step: int) -> bool:
+        """Whether a periodic evaluation falls on ``step`` (``eval_points`` or ``eval_every``)."""
+        points = self.config.eval_points
+        if points is None:
+            return bool(self.config.eval_every) and step % self.config.eval_every == 0
+        if self.total_steps is None or step >= self.total_steps:
+            return False
+        return any(round(k * self.total_steps / points) == step for k in range(1, points))
+
+    def _total(self) -> int:
+        """``total_steps``, or (before a ``minutes`` budget is calibrated) the step after the
+        calibration."""
+        return self.total_steps if self.total_steps is not None else CALIBRATION_STEPS
+
+    def _calibrate(self) -> None:
+        """Fix ``total_steps`` for a ``minutes`` budget from the mean time of the steps so far
+        but the first (which carries one-off costs): ``max(step, step + remaining / rate)``.
+        Under DDP the processes agree on the smallest. Stored in checkpoints, so a resumed run
+        keeps it (and stays exact)."""
+        budget = self.config.minutes * 60.0
+        per_step = self.train_seconds / max(1, self.step)
+        if self._first_step_seconds is not None and self.step > 1:
+            per_step = (self.train_seconds - self._first_step_seconds) / (self.step - 1)
+        remaining = max(0.0, budget - self.train_seconds)
+        total = self.step + int(remaining / max(per_step, 1e-9))
+        if self.dist.world_size > 1:
+            flag = torch.tensor(
+                [-float(total)], device=self.device if self.device.type == "cuda" else "cpu"
+            )
+            total = int(-distributed.all_reduce_max(flag).item())
+        self.total_steps = max(self.step, total)
+        if self.logger is not None:
+            self.logger.set_total(self.total_steps)
+
     def train_step(self, x: Tensor) -> None:
         """One optimisation step on the batch ``x: (B, *data_shape)`` (this process's share)."""
         x = x.to(self.device, non_blocking=True)
+        if self._channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         with self._argument_checks(), self._autocast():
             terms, extras = self._forward(x)
         self._args_validated = True
@@ -443,8 +450,12 @@ class Trainer:
         estimator: str | None = None,
         estimator_params: Mapping[str, Any] | None = None,
         use_ema: bool = True,
+        mc_se: float | None = None,
+        max_nfe: float | None = None,
     ) -> EvalResult:
-        """Every ELBO term on ``dataset`` (default: the test split) with its standard error.
+        """Every ELBO term on ``dataset`` (default: the test split) with ``se`` and ``mc_se``
+        (:func:`genkit.evaluation.evaluate`): two draws per example, or draws until the
+        ``mc_se`` target or the ``max_nfe`` budget.
 
         Uses ``config.eval_estimator``/``eval_estimator_params`` unless given, in fp32, with
         a random stream of its own (seeded by ``seed`` and the step) so evaluation neither
@@ -458,13 +469,16 @@ class Trainer:
             estimator_params if estimator_params is not None else self.config.eval_estimator_params
         )
         with self._private_rng(self.config.seed + 1_000_003 * (self.step + 1)):
-            return evaluate_model(
+            return evaluate(
                 self.ema_model if use_ema else self.model,
                 dataset,
+                estimator=estimator,
+                params=params,
+                mc_se=mc_se,
+                max_nfe=max_nfe,
                 batch_size=self.config.eval_batch_size,
                 max_batches=max_batches,
-                estimator=estimator,
-                estimator_params=params,
+                channels_last=self._channels_last,
             )
 
     def evaluate_and_log(self) -> dict[str, float] | None:
@@ -473,6 +487,7 @@ class Trainer:
         if not self.is_main:
             return None
         result = self.evaluate_detailed(max_batches=self.config.eval_batches)
+        self._record_eval(result)
         self.logger.scalars("eval", result.means, self.step)
         if len(self.model.data_shape) == 3 and self.config.num_samples > 0:
             self.logger.image(
@@ -489,7 +504,7 @@ class Trainer:
         seed = self.config.seed + 7919 * (self.step + 1) if seed is None else seed
         with self._private_rng(seed):
             generator = torch.Generator(self.device).manual_seed(seed)
-            return model.sample(n, generator=generator)
+            return model.sample(n, generator=generator, **self.config.sample_params)
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -497,6 +512,10 @@ class Trainer:
         return {
             "format": ckpt.FORMAT,
             "step": self.step,
+            "total_steps": self.total_steps,
+            "train_seconds": self.train_seconds,
+            "first_step_seconds": self._first_step_seconds,
+            "eval_history": list(self.eval_history),
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "model": self.model.state_dict(),
@@ -580,6 +599,14 @@ class Trainer:
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"checkpoint {path} does not match this run: {exc}") from None
         self.step, self.epoch, self.batch_in_epoch = step, epoch, batch
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        first = state.get("first_step_seconds")
+        self._first_step_seconds = None if first is None else float(first)
+        self.eval_history = [dict(e) for e in state.get("eval_history", [])]
+        if self.config.minutes is not None and state.get("total_steps") is not None:
+            self.total_steps = int(state["total_steps"])  # the calibrated budget, kept
+            if self.logger is not None:
+                self.logger.set_total(self.total_steps)
         self._iter = None
         rng = state["rng"]
         if len(rng) == self.dist.world_size:
@@ -608,7 +635,7 @@ class Trainer:
         """Train to ``total_steps`` under the signal handlers; ``False`` if a signal stopped
         the run (after its checkpoint)."""
         with self._signals():
-            self.train(self.total_steps)
+            self.train()
         return not self.interrupted
 
     def _finish(self) -> EvalResult | None:
@@ -616,7 +643,11 @@ class Trainer:
         ``on_eval_end``)."""
         if self.step != self._checkpointed_step:
             self.save_checkpoint()
-        result = self.evaluate_detailed() if self.test_dataset is not None else None
+        result = None
+        if self.test_dataset is not None:
+            cfg = self.config
+            result = self.evaluate_detailed(mc_se=cfg.eval_mc_se, max_nfe=cfg.eval_max_nfe)
+            self._record_eval(result)
         if result is not None and self.is_main:
             self.logger.scalars("eval", result.means, self.step)
             self._call_hook("on_eval_end", trainer=self, step=self.step, metrics=result.means)

@@ -193,18 +193,27 @@ def test_cli_train_eval_sample_end_to_end(tmp_path):
     assert info["train"]["objective_weights"] == {"prior_matching": 0.5}
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000006.pt"]
 
-    ev = invoke("eval", run)
-    assert "32 examples" in ev and "±" in ev
-    lines = {ln.split()[0]: ln.split() for ln in ev.splitlines()[2:]}
+    ev = invoke("eval", run, "--json", tmp_path / "eval.json")
+    assert "32 examples" in ev and "±" in ev and "mc_se" in ev.splitlines()[1]
+    *table, budget = ev.splitlines()[2:]
+    lines = {ln.split()[0]: ln.split() for ln in table}
     assert set(lines) == {"reconstruction", "prior_matching", "elbo"}
     total = float(lines["reconstruction"][1]) + float(lines["prior_matching"][1])
     assert float(lines["elbo"][1]) == pytest.approx(total, abs=2e-4)
-    # name, nats, ±, se, bits/dim, ±, se: bits/dim = -nats / (D ln 2), and so its error
-    _, nats, _, se, bits, pm, bits_se = lines["elbo"]
+    # name, nats, ±, se, bits/dim, ±, se, mc_se: bits/dim = -nats / (D ln 2), and so its error
+    _, nats, _, se, bits, pm, bits_se, mc = lines["elbo"]
     d_ln2 = 64 * np.log(2.0)
-    assert pm == "±" and float(se) > 0
+    assert pm == "±" and float(se) > 0 and 0 < float(mc) < float(bits_se) * 4
     assert float(bits) == pytest.approx(-float(nats) / d_ln2, abs=1e-4)
     assert float(bits_se) == pytest.approx(float(se) / d_ln2, abs=1e-4)
+    assert budget.startswith("bits/dim") and "network evaluations per example" in budget
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["bits_per_dim"]["mean"] == pytest.approx(float(bits), abs=1e-4)
+    assert saved["bits_per_dim"]["mc_se"] == pytest.approx(float(mc), abs=1e-4)
+    assert {"terms", "nfe_per_example", "seconds", "estimator", "params", "checkpoint"} <= set(
+        saved
+    )
+    assert saved["checkpoint"].endswith("step-00000006.pt") and saved["estimator"] == "elbo"
     iw = invoke("eval", run, "--estimator", "iwae", "--param", "k=8")
     assert "importance_weighted" in iw and "estimator iwae" in iw
 
