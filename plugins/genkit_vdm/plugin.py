@@ -1,6 +1,7 @@
 """Registers the ``vdm`` model, its schedules (discrete ``linear`` and ``cosine``, continuous
-``fixed_linear`` and ``learned``) and its
-``denoising_matching`` estimator through the ``genkit`` entry-point group, as any plugin would.
+``fixed_linear`` and ``learned``) and its estimators ``denoising_matching`` (the ELBO) and
+``ode`` (the probability-flow ODE log-likelihood) through the ``genkit`` entry-point group, as
+any plugin would.
 
 The ``consistency`` estimator the VDM also supports is genkit's shared Markov-chain estimator
 (:class:`genkit.markov.ConsistencyELBO`), registered by genkit itself, not here.
@@ -12,6 +13,7 @@ import genkit
 from genkit_vdm.estimators import DenoisingMatchingELBO
 from genkit_vdm.logsnr import CONTINUOUS_SCHEDULES
 from genkit_vdm.model import create_vdm
+from genkit_vdm.ode import ProbabilityFlowODE
 from genkit_vdm.schedules import BUILTIN_SCHEDULES
 
 
@@ -37,4 +39,9 @@ def register_estimators(register) -> None:
         "denoising_matching",
         DenoisingMatchingELBO,
         description="VDM ELBO: reconstruction + prior matching + analytic denoising-matching KLs",
+    )
+    register(
+        "ode",
+        ProbabilityFlowODE,
+        description="VDM probability-flow ODE log-likelihood (8-bit data: dequantized bound)",
     )
