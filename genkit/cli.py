@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "eval": "genkit.training.cli:eval_",
     "sample": "genkit.training.cli:sample",
     "data": "genkit.data.cli:data",
+    "run": "genkit.recipes.cli:run",
 }
 
 

@@ -1,0 +1,193 @@
+"""The report of a recipe: ``results.md``, ``results.csv``, ``results.json`` and a plot of test
+bits/dim against training time, from the rows :func:`genkit.recipes.runner.run_one` returns.
+
+Every bits/dim carries its two errors: ``se`` (the spread of the test examples, a paper's ±)
+and ``mc_se`` (the Monte-Carlo error of the estimate, given the test set); see
+:mod:`genkit.evaluation`. ELBO terms are shown in bits/dim, ``-term / (D ln 2)``, so that they
+add up to the total.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from genkit.training.checkpoint import write_atomic
+
+#: The plot's file name in the output folder.
+PLOT = "bits_per_dim_vs_time.png"
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _clean(value: Any) -> Any:
+    """NaN and infinities as ``None`` (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def term_names(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Every ELBO term of every run, in order of first appearance."""
+    names: list[str] = []
+    for row in rows:
+        names += [n for n in row["terms_bits_per_dim"] if n not in names]
+    return names
+
+
+def columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The table's columns: run, model, decoder, parameters, steps, training seconds, each
+    term, bits/dim, se, mc_se, network evaluations per example, sampling images/s."""
+    return [
+        "run",
+        "model",
+        "decoder",
+        "parameters",
+        "steps",
+        "train_seconds",
+        *[f"{n} (bits/dim)" for n in term_names(rows)],
+        "bits_per_dim",
+        "se",
+        "mc_se",
+        "nfe_per_example",
+        "sample_images_per_second",
+    ]
+
+
+def _params(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in row["params"].items()) or "defaults"
+
+
+def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """The rows of :func:`columns` as text."""
+    names = term_names(rows)
+    out = []
+    for row in rows:
+        terms = row["terms_bits_per_dim"]
+        out.append(
+            [
+                row["run"],
+                row["model"],
+                row["decoder"],
+                _params(row),
+                str(row["steps"]),
+                _num(row["train_seconds"], 1),
+                *[_num(terms.get(n)) if n in terms else "" for n in names],
+                _num(row["bits_per_dim"]),
+                _num(row["se"]),
+                _num(row["mc_se"]),
+                _num(row["nfe_per_example"], 1),
+                _num(row["sample_images_per_second"], 1),
+            ]
+        )
+    return out
+
+
+def markdown(rows: Sequence[dict[str, Any]], title: str = "") -> str:
+    """A Markdown table of the results, under ``title``."""
+    head = columns(rows)
+    lines = [f"# {title}", ""] if title else []
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join("---" for _ in head) + "|")
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
+    lines += [
+        "",
+        "bits/dim = -ELBO / (D ln 2) on the test split, an upper bound on the model's bits/dim of "
+        "the 8-bit data; se: std over test examples / sqrt(N); mc_se: the Monte-Carlo error of "
+        "the estimate given the test set; terms in bits/dim add up to the total.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plain(rows: Sequence[dict[str, Any]]) -> str:
+    """The table for a terminal: run, decoder, steps, seconds, bits/dim ± se ± mc_se, NFE."""
+    lines = [
+        f"{'run':<18}{'decoder':<34}{'steps':>7}{'train s':>9}{'bits/dim':>10}"
+        f"{'se':>8}{'mc_se':>8}{'nfe/ex':>9}{'img/s':>9}"
+    ]
+    for row in rows:
+        lines.append(
+            f"{row['run']:<18}{row['decoder']:<34}{row['steps']:>7}"
+            f"{_num(row['train_seconds'], 0):>9}{_num(row['bits_per_dim']):>10}"
+            f"{_num(row['se']):>8}{_num(row['mc_se']):>8}{_num(row['nfe_per_example'], 1):>9}"
+            f"{_num(row['sample_images_per_second'], 1):>9}"
+        )
+    return "\n".join(lines)
+
+
+def write_report(
+    out: Path, rows: Sequence[dict[str, Any]], recipe: dict[str, Any], seconds: float
+) -> list[Path]:
+    """Write ``results.md``, ``results.csv``, ``results.json`` and the plot into ``out``
+    (each atomically); returns their paths."""
+    rows = list(rows)
+    title = f"{recipe.get('name', 'recipe')}: test bits/dim on {recipe.get('data', '?')}"
+    md = markdown(rows, title)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(columns(rows))
+    writer.writerows(table_rows(rows))
+    document = {
+        "recipe": recipe,
+        "wall_seconds": seconds,
+        "columns": columns(rows),
+        "runs": _clean([{k: v for k, v in row.items() if k != "train_config"} for row in rows]),
+    }
+    paths = []
+    for name, text in (
+        ("results.md", md),
+        ("results.csv", buffer.getvalue()),
+        ("results.json", json.dumps(document, indent=2) + "\n"),
+    ):
+        paths.append(write_atomic(out / name, lambda f, t=text: f.write(t.encode()), what="report"))
+    paths.append(plot(out / PLOT, rows, title))
+    return paths
+
+
+def plot(path: Path, rows: Sequence[dict[str, Any]], title: str) -> Path:
+    """Test bits/dim against training seconds, one line per run (its periodic evaluations
+    and the final one), with ``se`` error bars; PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=110)
+    for row in rows:
+        curve = [p for p in row.get("curve", []) if p.get("bits_per_dim") is not None]
+        if not curve:
+            continue
+        xs = [p["train_seconds"] for p in curve]
+        ys = [p["bits_per_dim"] for p in curve]
+        err = [p["se"] if p.get("se") is not None else 0.0 for p in curve]
+        ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=2, label=f"{row['run']}")
+    finals = [r["bits_per_dim"] for r in rows if r.get("bits_per_dim") is not None]
+    if finals:  # the first evaluations of an untrained model would squash the rest
+        ax.set_ylim(bottom=0.9 * min(finals), top=2.0 * max(finals))
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("test bits/dim (ELBO bound)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    data = buffer.getvalue()
+    return write_atomic(path, lambda f: f.write(data), what="plot")

@@ -1,0 +1,227 @@
+"""``genkit run``: validate a whole recipe, train each run with the shared trainer, evaluate it
+with :func:`genkit.evaluation.evaluate`, draw its samples, and write the report.
+
+Layout of the output folder::
+
+    OUT/runs/NAME/           the run dir of each run (config.json, checkpoints/, tb/, result.json)
+    OUT/samples/NAME.png     each run's sample grid
+    OUT/results.{md,csv,json}, OUT/bits_per_dim_vs_time.png     (genkit.recipes.report)
+
+A run with ``result.json`` is finished and skipped when the recipe runs again; one with
+checkpoints but no result resumes from the latest (exactly: see the trainer); others start.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from genkit.errors import GenkitError
+from genkit.recipes.schema import Budget, EvalSettings, Recipe, RunSpec
+from genkit.training.config import TrainConfig, config_dict, make_config
+
+
+@attrs.frozen
+class PreparedRun:
+    """A run whose every setting has been checked: its train config and evaluation."""
+
+    spec: RunSpec
+    config: TrainConfig
+    budget: Budget
+    eval: EvalSettings
+    decoder: str
+
+
+def _where(recipe: Recipe, spec: RunSpec | None = None) -> str:
+    return recipe.source + (f" [runs.{spec.name}]" if spec is not None else "")
+
+
+def _reraise(exc: GenkitError, where: str) -> GenkitError:
+    """``exc`` with ``where`` in front of its message, same class."""
+    message = str(exc)
+    if message.startswith(where):
+        return exc
+    new = type(exc)(f"{where}: {message}")
+    return new
+
+
+def describe_decoder(model: torch.nn.Module) -> str:
+    """The decoder likelihood a model ends in, for the report (``discretized_gaussian``, ...)."""
+    decoder = getattr(model, "decoder", None)
+    for attr in ("likelihood", "lik"):
+        kind = getattr(decoder, attr, None)
+        if isinstance(kind, str):
+            components = getattr(getattr(model, "config", None), "mixture_components", None)
+            if kind == "discretized_logistic_mixture" and components:
+                return f"{kind} (K={components})"
+            return kind
+    return "?"
+
+
+def prepare(
+    recipe: Recipe, train_ds: Any, test_ds: Any, only: list[str] | None
+) -> list[PreparedRun]:
+    """Check every run of ``recipe`` (those in ``only``, if given) before any training: the
+    model and its parameters (built once and run on two training examples), the merged train
+    config, the objective weights (against the terms the model returns), the evaluation
+    estimator and the sampling parameters. The first problem is one
+    :class:`~genkit.errors.GenkitError` line naming the recipe and the run."""
+    from genkit.model import check_sample_params
+    from genkit.registry import create_model
+    from genkit.training.trainer import batch_tensor
+
+    specs = [recipe.run(name) for name in only] if only else list(recipe.runs)
+    shape = tuple(train_ds.data_shape)
+    x = torch.stack([batch_tensor(train_ds[i]) for i in range(min(2, len(train_ds)))])
+    prepared = []
+    for spec in specs:
+        where = _where(recipe, spec)
+        try:
+            budget, settings = recipe.budget_for(spec), recipe.eval_for(spec)
+            fields = {
+                **recipe.train,
+                **spec.train,
+                **budget.train_fields(),
+                "objective_weights": dict(spec.objective_weights),
+                "eval_estimator": settings.estimator,
+                "eval_estimator_params": dict(settings.params),
+                "eval_mc_se": settings.mc_se,
+                "eval_max_nfe": settings.max_nfe,
+                "eval_batch_size": settings.batch_size,
+                "eval_batches": settings.curve_batches,
+                "eval_points": settings.points or None,
+                "eval_every": 0,
+                "num_samples": settings.samples,
+                "sample_params": dict(spec.sample_params),
+            }
+            config = make_config(fields, where="train settings")
+            torch.manual_seed(config.seed)
+            model = create_model(spec.model, shape, **spec.params)
+            check_sample_params(model, dict(spec.sample_params), spec.model)
+            model.eval()
+            with torch.no_grad():
+                training = None
+                if config.estimator is not None or config.estimator_params:
+                    training = model.estimator(config.estimator, **config.estimator_params)
+                terms = model.elbo(x) if training is None else model.elbo(x, training)
+                terms.objective(config.objective_weights)
+                if settings.estimator is not None:
+                    model.elbo(x, settings.estimator, **settings.params)
+            decoder = describe_decoder(model)
+        except GenkitError as exc:
+            raise _reraise(exc, where) from None
+        prepared.append(PreparedRun(spec, config, budget, settings, decoder))
+    return prepared
+
+
+def run_one(
+    recipe: Recipe,
+    run: PreparedRun,
+    out: Path,
+    train_ds: Any,
+    test_ds: Any,
+    *,
+    quiet: bool,
+    echo: Callable[[str], None],
+) -> dict[str, Any] | None:
+    """Train, evaluate and sample one run; its report row (also written to
+    ``runs/NAME/result.json``), or ``None`` if a signal stopped it (after its checkpoint)."""
+    from genkit.registry import create_model
+    from genkit.training import checkpoint as ckpt
+    from genkit.training.logging import image_grid, save_png
+    from genkit.training.trainer import Trainer
+
+    spec = run.spec
+    run_dir = out / "runs" / spec.name
+    result_path = run_dir / "result.json"
+    if result_path.is_file():
+        echo(f"{spec.name}: finished before, skipped ({result_path})")
+        return json.loads(result_path.read_text())
+    resume = ckpt.latest_checkpoint(run_dir) is not None
+    echo(f"{spec.name}: {'resuming' if resume else 'training'} {spec.model} ({_budget(run)})")
+    torch.manual_seed(run.config.seed)
+    model = create_model(spec.model, tuple(train_ds.data_shape), **spec.params)
+    info = {
+        "model": {"name": spec.model, "params": spec.params},
+        "data": recipe.data,
+        "recipe": {"name": recipe.name, "source": recipe.source, "run": spec.name},
+    }
+    trainer = Trainer(
+        model, run.config, train_ds, test_ds, run_dir, run_info=info, progress=not quiet
+    )
+    result = trainer.fit(resume=resume)
+    if trainer.interrupted or result is None:
+        return None
+
+    images_per_second, grid = None, None
+    if run.eval.samples > 0:
+        began = time.perf_counter()
+        x = trainer.sample(run.eval.samples, seed=run.config.seed)
+        images_per_second = run.eval.samples / (time.perf_counter() - began)
+        if x.dim() == 4:
+            grid = save_png(image_grid(x.float().cpu()), out / "samples" / f"{spec.name}.png")
+    bits = result.bits()
+    scale = result.num_dims * 0.6931471805599453
+    row = {
+        "run": spec.name,
+        "model": spec.model,
+        "decoder": run.decoder,
+        "params": spec.params,
+        "objective_weights": spec.objective_weights,
+        "steps": trainer.step,
+        "train_seconds": trainer.train_seconds,
+        "terms_bits_per_dim": {n: -result.means[n] / scale for n in result.terms},
+        "terms_mc_se": {n: result.mc_se.get(n, float("nan")) / scale for n in result.terms},
+        "bits_per_dim": bits["mean"],
+        "se": bits["se"],
+        "mc_se": bits["mc_se"],
+        "nfe_per_example": result.nfe_per_example,
+        "eval_draws": result.draws,
+        "draw_sd": result.draw_sd,
+        "eval_stop": result.stop,
+        "eval_seconds": result.seconds,
+        "estimator": result.estimator,
+        "examples": result.count,
+        "sample_images_per_second": images_per_second,
+        "sample_params": spec.sample_params,
+        "sample_grid": str(grid) if grid is not None else None,
+        "curve": trainer.eval_history,
+        "train_config": config_dict(run.config),
+    }
+    text = json.dumps(row, indent=2, default=_json_default) + "\n"
+    ckpt.write_atomic(result_path, lambda f: f.write(text.encode()), what="run result")
+    echo(
+        f"{spec.name}: {bits['mean']:.4f} ± {bits['se']:.4f} (se) ± {bits['mc_se']:.4f} "
+        f"(mc_se) bits/dim after {trainer.step} steps, {trainer.train_seconds:.0f} s of training"
+    )
+    return row
+
+
+def finished_rows(recipe: Recipe, out: Path) -> list[dict[str, Any]]:
+    """The report rows of every finished run of ``recipe`` in ``out``, in the recipe's order."""
+    rows = []
+    for spec in recipe.runs:
+        path = out / "runs" / spec.name / "result.json"
+        if path.is_file():
+            rows.append(json.loads(path.read_text()))
+    return rows
+
+
+def _budget(run: PreparedRun) -> str:
+    if run.budget.minutes is not None:
+        return f"{run.budget.minutes:g} minutes of training"
+    return f"{run.budget.steps} steps"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | set):
+        return list(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
