@@ -63,6 +63,9 @@ class EvalResult:
     #: why the draws stopped: one of ``STOPS`` (or ``""``)
     stop: str = ""
     target_mc_se: float | None = None
+    #: the standard deviation of the bits/dim of one draw (one estimator call) on one example,
+    #: ``sqrt(mean_n s_n^2)``: what ``mc_se`` would be for a single example and draw
+    draw_sd: float = math.nan
 
     @property
     def se(self) -> dict[str, float]:
@@ -116,6 +119,7 @@ class EvalResult:
             "draws": self.draws,
             "stop": self.stop,
             "target_mc_se": self.target_mc_se,
+            "draw_sd": clean(self.draw_sd),
             "num_dims": self.num_dims,
         }
 
@@ -136,6 +140,15 @@ class _Accumulator:
             self.sums[name] += v
             self.squares[name] += v.square()
         self.draws += 1
+
+    def draw_sd(self, name: str) -> float:
+        """The standard deviation of one draw, ``sqrt(mean_n s_n^2)`` (``nan`` with one draw)."""
+        r = self.draws
+        if r < 2:
+            return math.nan
+        m = self.sums[name] / r
+        s2 = ((self.squares[name] - r * m.square()) / (r - 1)).clamp(min=0.0)
+        return math.sqrt(s2.mean().item())
 
     def stats(self) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
         """``means, se, mc_se`` per name (module docstring)."""
@@ -274,6 +287,7 @@ def evaluate(
         params=params,
         stop=stop,
         target_mc_se=mc_se,
+        draw_sd=acc.draw_sd("bits_per_dim"),
     )
 
 
@@ -292,6 +306,6 @@ def describe(result: EvalResult) -> str:
     }.get(result.stop, result.stop)
     return (
         f"bits/dim {bits['mean']:.4f} ± {bits['se']:.4f} (se) ± {bits['mc_se']:.4f} (mc_se); "
-        f"{result.draws} draws, {nfe} network evaluations per example, "
-        f"{result.seconds:.1f} s; {why}"
+        f"{result.draws} draws (sd of one: {result.draw_sd:.3g}), {nfe} network evaluations "
+        f"per example, {result.seconds:.1f} s; {why}"
     )

@@ -159,8 +159,16 @@ def load_run(
         info["model"]["name"], tuple(info["data_shape"]), **info["model"].get("params", {})
     )
     ckpt.load_module_state(model, state["ema" if use_ema else "model"], path, "model")
-    model.to(distributed.resolve_device(device, distributed.DistInfo())).eval()
+    device = distributed.resolve_device(device, distributed.DistInfo())
+    memory_format = torch.channels_last if channels_last(info, model) else torch.preserve_format
+    model.to(device, memory_format=memory_format).eval()
     return model, info, path
+
+
+def channels_last(info: dict[str, Any], model: torch.nn.Module) -> bool:
+    """Whether the run trained an image model in ``channels_last`` (evaluation and sampling
+    use the same, faster layout)."""
+    return bool(info["train"].get("channels_last", True)) and len(model.data_shape) == 3
 
 
 @click.command("eval")
@@ -229,9 +237,6 @@ def eval_(
             estimator_params = dict(info["train"].get("eval_estimator_params") or {})
     dataset = _open(info["data"], split, cache_dir=cache_dir)
     torch.manual_seed(seed)
-    channels_last = bool(info["train"].get("channels_last", True)) and len(model.data_shape) == 3
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
     result = evaluate(
         model,
         dataset,
@@ -240,7 +245,7 @@ def eval_(
         mc_se=mc_se or None,
         max_nfe=max_nfe or None,
         batch_size=batch_size,
-        channels_last=channels_last,
+        channels_last=channels_last(info, model),
     )
     click.echo(
         format_result(

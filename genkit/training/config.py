@@ -122,6 +122,10 @@ class TrainConfig:
     log_every: int = attrs.field(default=50, validator=v.ge(0))
     seed: int = 0
     # -- the objective -------------------------------------------------------------------
+    #: The estimator training calls (a registered name, e.g. a plugin's) and its parameters;
+    #: ``None`` and ``{}``: the model's own ``elbo(x)``.
+    estimator: str | None = None
+    estimator_params: dict[str, Any] = attrs.field(factory=dict)
     #: ``ELBOTerms.objective`` weights: name -> weight (terms default 1, extras 0).
     objective_weights: dict[str, float] = attrs.field(factory=dict, validator=_weights)
     #: Terms whose weight ramps linearly from 0 to its value over ``warmup_steps``.
@@ -192,7 +196,7 @@ def apply_overrides(
     """
     train, model = dict(train), dict(model)
     valid = field_names(TrainConfig)
-    tables = ("objective_weights", "eval_estimator_params", "sample_params")
+    tables = ("objective_weights", "estimator_params", "eval_estimator_params", "sample_params")
     for key, value in parse_pairs(pairs):
         head, _, rest = key.partition(".")
         if head == "model" and rest:

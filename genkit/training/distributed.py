@@ -80,15 +80,17 @@ def shutdown() -> None:
 
 
 class ELBOModule(nn.Module):
-    """``forward(x) -> (terms, extras)``: the per-sample ELBO terms of ``model.elbo(x)`` as
-    plain dicts of ``(B,)`` tensors, so DDP (and ``torch.compile``) see a module call."""
+    """``forward(x) -> (terms, extras)``: the per-sample ELBO terms of ``model.elbo(x)`` (or
+    ``model.elbo(x, estimator)`` with a training estimator) as plain dicts of ``(B,)``
+    tensors, so DDP (and ``torch.compile``) see a module call."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, estimator: object | None = None) -> None:
         super().__init__()
         self.model = model
+        self.estimator = estimator
 
     def forward(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        out = self.model.elbo(x)
+        out = self.model.elbo(x) if self.estimator is None else self.model.elbo(x, self.estimator)
         return dict(out.terms), dict(out.extras)
 
 

@@ -189,7 +189,11 @@ class Trainer:
             with distribution_validation(Distribution._validate_args):
                 for child in self.model.children():
                     child.compile()
-        forward: nn.Module = distributed.ELBOModule(self.model)
+        estimator = None
+        if config.estimator is not None or config.estimator_params:
+            # built once: an estimator may keep state between calls (statistics, a pilot)
+            estimator = self.model.estimator(config.estimator, **config.estimator_params)
+        forward: nn.Module = distributed.ELBOModule(self.model, estimator)
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -424,3 +424,27 @@ def test_eval_table_puts_the_elbo_under_its_terms_and_extras_after_it():
     assert names == ["reconstruction", "prior_matching", "elbo", "extra: simple"]
     table = format_table(result.rows(), result.num_dims).splitlines()
     assert table[3].startswith("elbo") and table[4].startswith("extra: simple")
+
+
+def test_the_training_estimator_is_built_once_and_used_for_every_step():
+    """``estimator``/``estimator_params``: the trainer minimises that estimator's terms (here
+    IWAE's one term) instead of the model's default ones; an unknown name fails at once."""
+    from genkit.errors import UnknownNameError
+
+    data = torch.randint(0, 256, (64, 1, 8, 8)) / 127.5 - 1
+    torch.manual_seed(0)
+    model = genkit.create_model("vae", (1, 8, 8), latent_dim=2, hidden=16, net="mlp")
+    cfg = TrainConfig(steps=2, estimator="iwae", estimator_params={"k": 3}, **FAST)
+    trainer = Trainer(model, cfg, data, data[:16], progress=False)
+    seen = []
+    estimator = trainer._forward.estimator
+    original = type(estimator).__call__
+    type(estimator).__call__ = lambda self, m, x: seen.append(self) or original(self, m, x)
+    try:
+        trainer.fit()
+    finally:
+        type(estimator).__call__ = original
+    assert estimator.k == 3 and len(seen) == 2 and all(e is estimator for e in seen)
+    assert trainer._term_names == ["importance_weighted"]
+    with pytest.raises(UnknownNameError, match="iwea"):
+        Trainer(model, TrainConfig(steps=1, estimator="iwea", **FAST), data, progress=False)
