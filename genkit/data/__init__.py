@@ -25,7 +25,7 @@ from genkit.data.errors import (
     SourceFormatError,
 )
 from genkit.data.layout import LAYOUT_VERSION, DatasetArrays, SplitArrays, write_h5
-from genkit.data.reader import H5Dataset, open_dataset
+from genkit.data.reader import H5Dataset, RowRange, hold_out, open_dataset
 from genkit.data.sampler import ChunkBatchSampler, collate_batch, epoch_order, make_loader
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "MissingSplitError",
     "NotHDF5Error",
     "OutputError",
+    "RowRange",
     "SourceFormatError",
     "SplitArrays",
     "available_datasets",
@@ -49,6 +50,7 @@ __all__ = [
     "describe",
     "epoch_order",
     "every_kth_split",
+    "hold_out",
     "make_loader",
     "open_dataset",
     "read_idx",

@@ -12,6 +12,7 @@ worker (fork or spawn) opens the file itself on first use.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -296,6 +297,53 @@ def plain_value(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode()
     return value
+
+
+class RowRange(Dataset):
+    """Rows ``start .. stop - 1`` of a dataset as a dataset of their own (a view: nothing is
+    copied), with the attributes the loaders read (``data_shape``, ``in_memory``,
+    ``chunk_len``, ``cache_chunks``) passed through and batched reads (``__getitems__``) kept.
+    A range that starts at row 0 keeps the chunk alignment of the chunk-wise sampler."""
+
+    def __init__(self, dataset: Any, start: int, stop: int) -> None:
+        if not 0 <= start < stop <= len(dataset):
+            raise ValueError(f"a row range needs 0 <= start < stop <= {len(dataset)}")
+        self.dataset, self.start, self.stop = dataset, int(start), int(stop)
+        for name in ("data_shape", "in_memory", "chunk_len", "cache_chunks", "kind"):
+            if hasattr(dataset, name):
+                setattr(self, name, getattr(dataset, name))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> Tensor:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.dataset[self.start + i]
+
+    def __getitems__(self, indices: Sequence[int]) -> Tensor:
+        rows = [self.start + int(i) for i in indices]
+        if hasattr(self.dataset, "__getitems__"):
+            return self.dataset.__getitems__(rows)
+        return torch.stack([self.dataset[i] for i in rows])
+
+    def close(self) -> None:
+        if hasattr(self.dataset, "close"):
+            self.dataset.close()
+
+
+def hold_out(dataset: Any, fraction: float) -> tuple[Any, Any]:
+    """``(kept, held_out)``: the last ``ceil(fraction * N)`` rows of ``dataset`` held out
+    (genkit's files store each split in a random order, so they are a random subset), the
+    rest kept; each a :class:`RowRange`."""
+    n = len(dataset)
+    held = math.ceil(fraction * n)
+    if not 0 < held < n:
+        raise DataError(
+            f"holding out {fraction:g} of {n} examples leaves {n - held} to train on and "
+            f"{held} to validate on; both must be >= 1"
+        )
+    return RowRange(dataset, 0, n - held), RowRange(dataset, n - held, n)
 
 
 def open_dataset(

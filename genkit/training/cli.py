@@ -144,10 +144,16 @@ def train(
 
 
 def load_run(
-    run_dir: Path, *, checkpoint: Path | None = None, use_ema: bool = True, device: str = "auto"
+    run_dir: Path,
+    *,
+    checkpoint: Path | None = None,
+    use_ema: bool = True,
+    device: str = "auto",
+    last: bool = False,
 ) -> tuple[torch.nn.Module, dict[str, Any], Path]:
     """The run's model with the weights of its latest (or the given) checkpoint: the EMA
-    weights unless ``use_ema`` is false. Returns ``(model, run config, checkpoint path)``."""
+    weights unless ``use_ema`` is false; of a ``keep_best`` run, the best EMA weights by
+    validation unless ``last``. Returns ``(model, run config, checkpoint path)``."""
     from genkit.registry import create_model
 
     info = read_run_config(run_dir)
@@ -158,7 +164,12 @@ def load_run(
     model = create_model(
         info["model"]["name"], tuple(info["data_shape"]), **info["model"].get("params", {})
     )
-    ckpt.load_module_state(model, state["ema" if use_ema else "model"], path, "model")
+    weights = state["ema" if use_ema else "model"]
+    info["weights"] = "EMA" if use_ema else "raw"
+    if use_ema and not last and isinstance(state.get("best"), dict):
+        weights = state["best"]["ema"]
+        info["weights"] = f"best EMA (step {state['best']['step']}, by validation)"
+    ckpt.load_module_state(model, weights, path, "model")
     device = distributed.resolve_device(device, distributed.DistInfo())
     memory_format = torch.channels_last if channels_last(info, model) else torch.preserve_format
     model.to(device, memory_format=memory_format).eval()
@@ -196,6 +207,7 @@ def channels_last(info: dict[str, Any], model: torch.nn.Module) -> bool:
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Default: the latest.")
 @click.option("--no-ema", is_flag=True, help="Evaluate the raw weights instead of the EMA.")
+@click.option("--last", is_flag=True, help="A keep_best run: the last EMA weights, not the best.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the result.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
@@ -210,6 +222,7 @@ def eval_(
     batch_size: int,
     checkpoint: Path | None,
     no_ema: bool,
+    last: bool,
     seed: int,
     json_out: Path | None,
     device: str,
@@ -229,7 +242,9 @@ def eval_(
     for flag, value in (("--mc-se", mc_se), ("--max-nfe", max_nfe)):
         if not value >= 0:
             raise ConfigError(f"{flag} must be a number >= 0 (0: none), got {value}")
-    model, info, path = load_run(run_dir, checkpoint=checkpoint, use_ema=not no_ema, device=device)
+    model, info, path = load_run(
+        run_dir, checkpoint=checkpoint, use_ema=not no_ema, device=device, last=last
+    )
     estimator_params = dict(parse_pairs(params, option="--param"))
     if estimator is None:
         estimator = info["train"].get("eval_estimator")
@@ -251,7 +266,7 @@ def eval_(
         format_result(
             result,
             title=f"{split} split, {result.count} examples, estimator {result.estimator}, "
-            f"{'raw' if no_ema else 'EMA'} weights of {path.name}",
+            f"{info['weights']} weights of {path.name}",
         )
     )
     if json_out is not None:
@@ -266,6 +281,7 @@ def eval_(
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Default: the latest.")
 @click.option("--no-ema", is_flag=True, help="Sample the raw weights instead of the EMA.")
+@click.option("--last", is_flag=True, help="A keep_best run: the last EMA weights, not the best.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option(
     "--param",
@@ -293,6 +309,7 @@ def sample(
     seed: int,
     checkpoint: Path | None,
     no_ema: bool,
+    last: bool,
     device: str,
     params: tuple[str, ...],
     padding: int,
@@ -310,7 +327,9 @@ def sample(
     """
     from genkit.model import check_sample_params
 
-    model, info, _path = load_run(run_dir, checkpoint=checkpoint, use_ema=not no_ema, device=device)
+    model, info, _path = load_run(
+        run_dir, checkpoint=checkpoint, use_ema=not no_ema, device=device, last=last
+    )
     sample_params = check_sample_params(
         model, dict(parse_pairs(params, option="--param")), info["model"]["name"], "--param"
     )

@@ -113,6 +113,14 @@ class TrainConfig:
     #: evaluations take two draws.
     eval_mc_se: float | None = attrs.field(default=0.01, validator=_positive_or_none)
     eval_max_nfe: float | None = attrs.field(default=1000.0, validator=_positive_or_none)
+    #: Hold out this fraction of the train split (its last rows, a random subset in genkit's
+    #: files) as a validation split, never trained on: periodic evaluations use it instead of
+    #: the test split.
+    validation_fraction: float = attrs.field(default=0.0, validator=[v.ge(0.0), v.lt(1.0)])
+    #: Early stopping: keep the EMA weights of the periodic evaluation with the lowest
+    #: validation bits/dim (the last step's included) and evaluate and sample those at the
+    #: end. Needs ``validation_fraction > 0``.
+    keep_best: bool = False
     #: Number of samples drawn into the image grid at each evaluation (image data only).
     num_samples: int = attrs.field(default=64, validator=v.ge(0))
     #: Keyword arguments of ``model.sample`` for those grids (e.g. ``{steps = 50}`` for a VDM).
@@ -133,6 +141,11 @@ class TrainConfig:
     warmup_steps: int = attrs.field(default=0, validator=v.ge(0))
 
     def __attrs_post_init__(self) -> None:
+        if self.keep_best and self.validation_fraction == 0:
+            raise ValueError(
+                "keep_best picks weights by validation bits/dim: set validation_fraction > 0 "
+                "(e.g. 0.1), never the test split"
+            )
         if self.epochs is not None and self.minutes is not None:
             raise ValueError(
                 "give one budget: 'epochs' or 'minutes' (or 'steps'), not both epochs and minutes"

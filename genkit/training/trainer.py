@@ -147,8 +147,20 @@ class Trainer:
         progress: bool = True,
     ) -> None:
         self.config = config
+        #: with ``validation_fraction``, the held-out rows of the train split; periodic
+        #: evaluations (and ``keep_best``) use it instead of the test split
+        self.validation_dataset: Dataset | None = None
+        if config.validation_fraction > 0:
+            from genkit.data import hold_out
+
+            train_dataset, self.validation_dataset = hold_out(
+                train_dataset, config.validation_fraction
+            )
         self.train_dataset = train_dataset
         self.test_dataset = test_dataset
+        #: with ``keep_best``: ``{"step", "bits_per_dim", "ema"}`` of the best validation
+        #: evaluation so far (the EMA weights on the CPU); kept in checkpoints
+        self.best: dict[str, Any] | None = None
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.run_info = dict(run_info or {})
         self.show_progress = progress
@@ -343,26 +355,46 @@ class Trainer:
                         flush=True,
                     )
                 return
-            if self._eval_due(step) and self.test_dataset is not None:
+            if self._eval_due(step) and self._periodic_dataset() is not None:
                 self.evaluate_and_log()
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
         self._flush_metrics()
 
-    def _record_eval(self, result: EvalResult) -> None:
+    def _periodic_dataset(self) -> Dataset | None:
+        """What periodic evaluations use: the validation split if held out, else the test split."""
+        return self.validation_dataset if self.validation_dataset is not None else self.test_dataset
+
+    def _consider_best(self, result: EvalResult) -> None:
+        """Keep the EMA weights if ``result`` (on the validation split) is the best so far."""
+        bits = result.bits()["mean"]
+        if self.best is None or bits < self.best["bits_per_dim"]:
+            state = {
+                k: v.detach().to("cpu", copy=True) for k, v in self.ema_model.state_dict().items()
+            }
+            self.best = {"step": self.step, "bits_per_dim": bits, "ema": state}
+
+    def _record_eval(self, result: EvalResult, split: str) -> None:
         """Append an evaluation to ``eval_history``, the learning curve kept in checkpoints."""
         bits = result.bits()
         self.eval_history.append(
             {
+                "split": split,
                 "step": self.step,
                 "train_seconds": self.train_seconds,
                 "eval_history": list(self.eval_history),
+                "best": self.best,
                 "bits_per_dim": bits["mean"],
                 "se": bits["se"],
                 "mc_se": bits["mc_se"],
                 "examples": result.count,
             }
         )
+
+    def _evaluated_now(self) -> bool:
+        """Whether the last periodic evaluation was made at this step."""
+        periodic = [e for e in self.eval_history if e.get("split") != "test"]
+        return bool(periodic) and periodic[-1]["step"] == self.step
 
     def _eval_due(self, step: int) -> bool:
         """Whether a periodic evaluation falls on ``step`` (``eval_points`` or ``eval_every``)."""
@@ -490,9 +522,14 @@ class Trainer:
         data, then ``on_eval_end``."""
         if not self.is_main:
             return None
-        result = self.evaluate_detailed(max_batches=self.config.eval_batches)
-        self._record_eval(result)
-        self.logger.scalars("eval", result.means, self.step)
+        validation = self.validation_dataset is not None
+        result = self.evaluate_detailed(
+            max_batches=self.config.eval_batches, dataset=self._periodic_dataset()
+        )
+        self._record_eval(result, "validation" if validation else "test")
+        self.logger.scalars("val" if validation else "eval", result.means, self.step)
+        if self.config.keep_best:
+            self._consider_best(result)
         if len(self.model.data_shape) == 3 and self.config.num_samples > 0:
             self.logger.image(
                 "samples", image_grid(self.sample(self.config.num_samples)), self.step
@@ -520,6 +557,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "first_step_seconds": self._first_step_seconds,
             "eval_history": list(self.eval_history),
+            "best": self.best,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "model": self.model.state_dict(),
@@ -607,6 +645,7 @@ class Trainer:
         first = state.get("first_step_seconds")
         self._first_step_seconds = None if first is None else float(first)
         self.eval_history = [dict(e) for e in state.get("eval_history", [])]
+        self.best = state.get("best")
         if self.config.minutes is not None and state.get("total_steps") is not None:
             self.total_steps = int(state["total_steps"])  # the calibrated budget, kept
             if self.logger is not None:
@@ -645,13 +684,19 @@ class Trainer:
     def _finish(self) -> EvalResult | None:
         """The last checkpoint, then the test split with the EMA weights (and
         ``on_eval_end``)."""
-        if self.step != self._checkpointed_step:
+        cfg = self.config
+        best_step = self.best["step"] if self.best is not None else None
+        if cfg.keep_best and self.is_main and (self.best is None or not self._evaluated_now()):
+            self.evaluate_and_log()  # the last step competes too
+        changed = self.best is not None and self.best["step"] != best_step
+        if self.step != self._checkpointed_step or changed:
             self.save_checkpoint()
+        if self.best is not None:  # evaluate and sample the best weights from here on
+            self.ema_model.load_state_dict(self.best["ema"])
         result = None
         if self.test_dataset is not None:
-            cfg = self.config
             result = self.evaluate_detailed(mc_se=cfg.eval_mc_se, max_nfe=cfg.eval_max_nfe)
-            self._record_eval(result)
+            self._record_eval(result, "test")
         if result is not None and self.is_main:
             self.logger.scalars("eval", result.means, self.step)
             self._call_hook("on_eval_end", trainer=self, step=self.step, metrics=result.means)
