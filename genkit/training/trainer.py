@@ -382,8 +382,6 @@ class Trainer:
                 "split": split,
                 "step": self.step,
                 "train_seconds": self.train_seconds,
-                "eval_history": list(self.eval_history),
-                "best": self.best,
                 "bits_per_dim": bits["mean"],
                 "se": bits["se"],
                 "mc_se": bits["mc_se"],
