@@ -227,3 +227,21 @@ def test_every_shipped_recipe_validates_and_runs_two_steps_per_run(tmp_path, nam
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
     assert [r["run"] for r in rows] == [r.name for r in recipe.runs]
     assert all(r["steps"] == 2 for r in rows), text
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        [
+            *(RECIPES.parent / "benchmarks").glob("*.toml"),
+            RECIPES.parent / "examples" / "genkit-example-plugin" / "recipe.toml",
+        ],
+        key=str,
+    ),
+    ids=lambda p: p.name if p.parent.name == "benchmarks" else "example",
+)
+def test_the_other_recipes_in_the_repository_parse(path):
+    """The benchmark recipes and the example plugin's (run in full by their commands and by
+    the plugin's own test) at least parse and name known tables."""
+    recipe = load_recipe(path)
+    assert recipe.description and recipe.runs
