@@ -31,7 +31,8 @@ import attrs
 import torch
 from torch import Tensor
 
-LN2 = math.log(2.0)
+from genkit.elbo import LN2
+
 #: Why the draws stopped.
 STOPS = ("target", "draws", "max_nfe", "max_draws")
 
@@ -158,7 +159,7 @@ class _Accumulator:
             m = total / r  # (N,) per-example means
             n = m.numel()
             means[name] = m.mean().item()
-            se[name] = (m.std(correction=1) / math.sqrt(n)).item() if n > 1 else 0.0
+            se[name] = (m.std(correction=1) / math.sqrt(n)).item() if n > 1 else math.nan
             if r > 1:
                 s2 = ((self.squares[name] - r * m.square()) / (r - 1)).clamp(min=0.0)
                 mc[name] = math.sqrt(s2.sum().item() / r) / n
@@ -176,7 +177,7 @@ def evaluate(
     params: Mapping[str, Any] | None = None,
     mc_se: float | None = None,
     max_nfe: float | None = None,
-    max_draws: int | None = None,
+    max_draws: int | None = 10_000,
     min_draws: int = 2,
     batch_size: int = 256,
     max_batches: int | None = None,
@@ -191,12 +192,12 @@ def evaluate(
         ``min_draws`` draws (or ``max_draws``).
     :param max_nfe: network evaluations per example in all; no draw starts that would pass it
         (an estimator whose first call alone costs more is an ``InvalidParameterError``).
-    :param max_draws: the most draws per example.
+    :param max_draws: the most draws per example (a cap against a target that cannot be met).
     :param min_draws: at least this many draws (2 gives ``mc_se``), budget permitting.
     :param channels_last: feed image batches in ``torch.channels_last`` (as the model is).
     """
-    from genkit.errors import DataError, InvalidParameterError
-    from genkit.training.trainer import batch_tensor, make_eval_loader
+    from genkit.data import batch_tensor, make_eval_loader
+    from genkit.errors import DataError, InvalidParameterError, NonFiniteError
 
     for name, value in (("mc_se", mc_se), ("max_nfe", max_nfe)):
         if value is not None and (isinstance(value, bool) or not value > 0):
@@ -206,7 +207,16 @@ def evaluate(
     params = dict(params or {})
     was_training = model.training
     model.eval()
-    est = model.estimator(estimator, evaluation=estimator is None, **params)
+    if callable(getattr(model, "estimator", None)):
+        est = model.estimator(estimator, evaluation=estimator is None, **params)
+        call = lambda x: model.elbo(x, est)  # noqa: E731 - one estimator object for every call
+    elif estimator is None and not params:  # a model that only has elbo(x) (DESIGN's minimum)
+        est, call = None, model.elbo
+    else:
+        raise InvalidParameterError(
+            f"{type(model).__name__} has no estimator() (a genkit.LatentVariableModel has): "
+            "it can be evaluated only by its own elbo(x), without an estimator or parameters"
+        )
     device = model.device
     acc = _Accumulator()
     terms: list[str] = []
@@ -225,7 +235,7 @@ def evaluate(
                 x = batch_tensor(batch).to(device)
                 if channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
-                out = model.elbo(x, est)
+                out = call(x)
                 terms, extras = list(out.terms), list(out.extras)
                 values = {
                     **out.terms,
@@ -241,7 +251,7 @@ def evaluate(
                     nfe_draw += out.nfe * x.shape[0]
                     if max_nfe is not None and acc.draws == 0 and i == 0 and out.nfe > max_nfe:
                         raise InvalidParameterError(
-                            f"one draw of estimator '{getattr(est, 'name', type(est).__name__)}' "
+                            f"one draw of estimator '{_name(est)}' "
                             f"costs {out.nfe:.4g} network evaluations per example, more than "
                             f"max_nfe {max_nfe:g}; raise max_nfe or give the estimator fewer "
                             "draws per call (e.g. t_samples=1)"
@@ -255,6 +265,11 @@ def evaluate(
             )
             _, _, mc = acc.stats()
             enough = acc.draws >= min_draws
+            if enough and not math.isfinite(mc["bits_per_dim"]):
+                raise NonFiniteError(
+                    f"evaluation: estimator '{_name(est)}' gave non-finite bits/dim on some "
+                    "examples; its Monte-Carlo error cannot be estimated"
+                )
             if mc_se is not None and enough and mc["bits_per_dim"] <= mc_se:
                 stop = "target"
             elif mc_se is None and enough:
@@ -283,12 +298,19 @@ def evaluate(
         draws=acc.draws,
         nfe_per_example=nfe_total,
         seconds=time.perf_counter() - start,
-        estimator=estimator or getattr(est, "name", type(est).__name__),
+        estimator=estimator or _name(est),
         params=params,
         stop=stop,
         target_mc_se=mc_se,
         draw_sd=acc.draw_sd("bits_per_dim"),
     )
+
+
+def _name(estimator: Any) -> str:
+    """An estimator's registered name, or its class name, or ``elbo`` for a bare ``elbo(x)``."""
+    if estimator is None:
+        return "elbo"
+    return getattr(estimator, "name", type(estimator).__name__)
 
 
 def describe(result: EvalResult) -> str:

@@ -18,7 +18,7 @@ ordered ``(k c)`` (component-major, then channel)::
 
 For RGB images the mixture is PixelCNN++'s: one set of K logits per pixel shared by the three
 channels, and per component three coefficients (through ``tanh``) making the mean of G linear
-in R and that of B in R and G (:class:`~genkit.distributions.DiscretizedLogisticMixtureRGB`).
+in R and that of B in R and G (:class:`~genkit.logistic.DiscretizedLogisticMixtureRGB`).
 """
 
 from __future__ import annotations
@@ -28,13 +28,9 @@ from einops import rearrange
 from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal
 
-from genkit.distributions import (
-    DiscretizedGaussian,
-    DiscretizedLogisticMixture,
-    DiscretizedLogisticMixtureRGB,
-    SignedBernoulli,
-)
+from genkit.distributions import DiscretizedGaussian, SignedBernoulli
 from genkit.errors import InvalidParameterError
+from genkit.logistic import DiscretizedLogisticMixture, DiscretizedLogisticMixtureRGB
 
 LIKELIHOODS: tuple[str, ...] = (
     "discretized_gaussian",

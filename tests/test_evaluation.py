@@ -421,3 +421,36 @@ def test_eval_result_is_the_public_type():
     from genkit.training import EvalResult as FromTraining
 
     assert FromTraining is EvalResult
+
+
+class ElboOnly(torch.nn.Module):
+    """DESIGN's minimum: a model with ``elbo(x)`` and ``num_dims`` only (no ``estimator``)."""
+
+    num_dims = 4
+
+    def __init__(self, bad: bool = False):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.bad = bad
+
+    @property
+    def device(self):
+        return self.w.device
+
+    def elbo(self, x):
+        value = -x.square().sum(1) - torch.rand(x.shape[0])
+        if self.bad:
+            value = value / 0.0
+        return ELBOTerms(terms={"reconstruction": value}, num_dims=4, nfe=1.0)
+
+
+def test_a_model_with_only_elbo_is_evaluated_and_non_finite_values_stop_the_draws():
+    data = torch.randn(10, 4)
+    result = evaluate(ElboOnly(), data, mc_se=None)
+    assert result.draws == 2 and result.estimator == "elbo" and result.mc_se["bits_per_dim"] > 0
+    with pytest.raises(InvalidParameterError, match="no estimator"):
+        evaluate(ElboOnly(), data, estimator="iwae")
+    from genkit.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        evaluate(ElboOnly(bad=True), data, mc_se=0.01)

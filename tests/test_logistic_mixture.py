@@ -16,14 +16,13 @@ from torch.distributions import (
 )
 
 from genkit import InvalidParameterError
-from genkit.distributions import (
+from genkit.distributions import sample, to_pixels
+from genkit.likelihoods import likelihood, num_outputs
+from genkit.logistic import (
     DiscretizedLogisticMixture,
     DiscretizedLogisticMixtureRGB,
     discretized_logistic_log_prob,
-    sample,
-    to_pixels,
 )
-from genkit.likelihoods import likelihood, num_outputs
 
 BINS = torch.arange(256, dtype=torch.float64) / 127.5 - 1  # the 256 bin centres on [-1, 1]
 MIX = "discretized_logistic_mixture"

@@ -125,6 +125,11 @@ BAD = [
         '\n[[runs]]\nname = "x"\nmodel = "vdm"\nsample_params = { stepz = 3 }\n',
         "did you mean 'steps'",
     ),
+    # the evaluation estimator's parameters are checked too, though no estimator is named
+    ('\n[[runs]]\nname = "x"\nmodel = "vdm"\neval = { params = { t_sample = 3 } }\n', "t_sample"),
+    # what [budget] and [eval] set cannot hide in [train]
+    ('\n[[runs]]\nname = "x"\nmodel = "vae"\ntrain = { eval_every = 5 }\n', "[eval]"),
+    ('\n[[runs]]\nname = "x"\nmodel = "vae"\ntrain = { steps = 5 }\n', "[budget]"),
 ]
 
 
@@ -211,7 +216,7 @@ def test_every_shipped_recipe_validates_and_runs_two_steps_per_run(tmp_path, nam
         "budget={steps=2}",
         "eval.mc_se=100.0",
         "eval.max_nfe=100",
-        "eval.points=0",
+        "eval.points=2",
         "eval.samples=2",
         "train.batch_size=4",
         "train.num_threads=1",

@@ -26,7 +26,14 @@ from genkit.data.errors import (
 )
 from genkit.data.layout import LAYOUT_VERSION, DatasetArrays, SplitArrays, write_h5
 from genkit.data.reader import H5Dataset, RowRange, hold_out, open_dataset
-from genkit.data.sampler import ChunkBatchSampler, collate_batch, epoch_order, make_loader
+from genkit.data.sampler import (
+    ChunkBatchSampler,
+    batch_tensor,
+    collate_batch,
+    epoch_order,
+    make_eval_loader,
+    make_loader,
+)
 
 __all__ = [
     "LAYOUT_VERSION",
@@ -43,6 +50,7 @@ __all__ = [
     "SourceFormatError",
     "SplitArrays",
     "available_datasets",
+    "batch_tensor",
     "builtin_path",
     "cache_root",
     "collate_batch",
@@ -51,6 +59,7 @@ __all__ = [
     "epoch_order",
     "every_kth_split",
     "hold_out",
+    "make_eval_loader",
     "make_loader",
     "open_dataset",
     "read_idx",

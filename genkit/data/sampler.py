@@ -15,10 +15,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from genkit.errors import InvalidParameterError
+from genkit.errors import DataError, InvalidParameterError
 
 
 def epoch_order(
@@ -180,4 +181,31 @@ def make_loader(
         collate_fn=collate_batch if has_batched_read else None,
         pin_memory=pin_memory,
         persistent_workers=False,
+    )
+
+
+def batch_tensor(batch: Any) -> Tensor:
+    """A loader's batch as one tensor ``(B, ...)``; of an ``(x, label)`` batch, ``x``."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, list | tuple) and batch:
+        return batch_tensor(batch[0])
+    raise DataError(f"a batch must be a tensor (B, ...), got {type(batch).__name__}")
+
+
+def _collate(items: Any) -> Tensor:
+    if isinstance(items, Tensor):  # __getitems__ already returned the whole batch
+        return items
+    return torch.stack([batch_tensor(i) for i in items])
+
+
+def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """Every example of ``dataset`` once, in order, in batches of ``batch_size``."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
     )

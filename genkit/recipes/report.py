@@ -160,8 +160,10 @@ def write_report(
 
 
 def plot(path: Path, rows: Sequence[dict[str, Any]], title: str) -> Path:
-    """Test bits/dim against training seconds, one line per run (its periodic evaluations
-    and the final one), with ``se`` error bars; PNG, written atomically."""
+    """Bits/dim against training seconds with ``se`` error bars, one line per run: its
+    periodic evaluations (on the validation split when the recipe holds one out), and a star
+    for its final test evaluation at the training time of the weights it evaluated (the best
+    step with ``keep_best``); PNG, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,18 +171,33 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], title: str) -> Path:
 
     fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=110)
     for row in rows:
-        curve = [p for p in row.get("curve", []) if p.get("bits_per_dim") is not None]
-        if not curve:
-            continue
-        xs = [p["train_seconds"] for p in curve]
-        ys = [p["bits_per_dim"] for p in curve]
-        err = [p["se"] if p.get("se") is not None else 0.0 for p in curve]
-        ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=2, label=f"{row['run']}")
+        points = [p for p in row.get("curve", []) if p.get("bits_per_dim") is not None]
+        curve = [p for p in points if p.get("split") != "test"]
+        held = "validation" if any(p.get("split") == "validation" for p in curve) else "test"
+        line = None
+        if curve:
+            xs = [p["train_seconds"] for p in curve]
+            ys = [p["bits_per_dim"] for p in curve]
+            err = [p["se"] if p.get("se") is not None else 0.0 for p in curve]
+            line = ax.errorbar(
+                xs, ys, yerr=err, marker="o", ms=3, capsize=2, label=f"{row['run']} ({held})"
+            )
+        finals = [p for p in points if p.get("split") == "test"]
+        if finals:  # the test evaluation, at the time of the weights it evaluated
+            best = row.get("best_step")
+            at = [p["train_seconds"] for p in curve if p["step"] == best] or [
+                finals[-1]["train_seconds"]
+            ]
+            colour = line[0].get_color() if line is not None else None
+            ax.errorbar(
+                at[-1:], [finals[-1]["bits_per_dim"]], yerr=[finals[-1]["se"] or 0.0],
+                marker="*", ms=10, color=colour, linestyle="none", label=f"{row['run']} (test)",
+            )  # fmt: skip
     finals = [r["bits_per_dim"] for r in rows if r.get("bits_per_dim") is not None]
     if finals:  # the first evaluations of an untrained model would squash the rest
         ax.set_ylim(bottom=0.9 * min(finals), top=2.0 * max(finals))
     ax.set_xlabel("training time (s)")
-    ax.set_ylabel("test bits/dim (ELBO bound)")
+    ax.set_ylabel("bits/dim (ELBO bound)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     if rows:

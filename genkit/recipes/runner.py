@@ -22,9 +22,29 @@ from typing import Any
 import attrs
 import torch
 
-from genkit.errors import GenkitError
+from genkit.elbo import LN2
+from genkit.errors import ConfigError, GenkitError
 from genkit.recipes.schema import Budget, EvalSettings, Recipe, RunSpec
 from genkit.training.config import TrainConfig, config_dict, make_config
+
+#: Train settings a recipe sets from its other tables: in ``[train]`` they are an error.
+OWNED_ELSEWHERE = {
+    **dict.fromkeys(("steps", "epochs", "minutes"), "[budget]"),
+    **dict.fromkeys(
+        (
+            "eval_estimator",
+            "eval_estimator_params",
+            "eval_mc_se",
+            "eval_max_nfe",
+            "eval_batch_size",
+            "eval_batches",
+            "eval_points",
+            "eval_every",
+            "num_samples",
+        ),
+        "[eval]",
+    ),
+}
 
 
 @attrs.frozen
@@ -72,9 +92,9 @@ def prepare(
     config, the objective weights (against the terms the model returns), the evaluation
     estimator and the sampling parameters. The first problem is one
     :class:`~genkit.errors.GenkitError` line naming the recipe and the run."""
+    from genkit.data import batch_tensor
     from genkit.model import check_sample_params
     from genkit.registry import create_model
-    from genkit.training.trainer import batch_tensor
 
     specs = [recipe.run(name) for name in only] if only else list(recipe.runs)
     shape = tuple(train_ds.data_shape)
@@ -84,11 +104,20 @@ def prepare(
         where = _where(recipe, spec)
         try:
             budget, settings = recipe.budget_for(spec), recipe.eval_for(spec)
+            shared = {**recipe.train, **spec.train}
+            owned = sorted(set(shared) & set(OWNED_ELSEWHERE))
+            if owned:
+                raise ConfigError(
+                    f"train key '{owned[0]}' is set by the recipe's {OWNED_ELSEWHERE[owned[0]]}; "
+                    "set it there"
+                )
             fields = {
-                **recipe.train,
-                **spec.train,
+                **shared,
                 **budget.train_fields(),
-                "objective_weights": dict(spec.objective_weights),
+                "objective_weights": {
+                    **shared.get("objective_weights", {}),
+                    **spec.objective_weights,
+                },
                 "eval_estimator": settings.estimator,
                 "eval_estimator_params": dict(settings.params),
                 "eval_mc_se": settings.mc_se,
@@ -98,12 +127,12 @@ def prepare(
                 "eval_points": settings.points or None,
                 "eval_every": 0,
                 "num_samples": settings.samples,
-                "sample_params": dict(spec.sample_params),
+                "sample_params": {**shared.get("sample_params", {}), **spec.sample_params},
             }
             config = make_config(fields, where="train settings")
             torch.manual_seed(config.seed)
             model = create_model(spec.model, shape, **spec.params)
-            check_sample_params(model, dict(spec.sample_params), spec.model)
+            check_sample_params(model, config.sample_params, spec.model)
             model.eval()
             with torch.no_grad():
                 training = None
@@ -111,8 +140,10 @@ def prepare(
                     training = model.estimator(config.estimator, **config.estimator_params)
                 terms = model.elbo(x) if training is None else model.elbo(x, training)
                 terms.objective(config.objective_weights)
-                if settings.estimator is not None:
-                    model.elbo(x, settings.estimator, **settings.params)
+                evaluation = model.estimator(
+                    settings.estimator, evaluation=settings.estimator is None, **settings.params
+                )
+                model.elbo(x, evaluation)
             decoder = describe_decoder(model)
         except GenkitError as exc:
             raise _reraise(exc, where) from None
@@ -142,7 +173,7 @@ def run_one(
     result_path = run_dir / "result.json"
     if result_path.is_file():
         echo(f"{spec.name}: finished before, skipped ({result_path})")
-        return json.loads(result_path.read_text())
+        return read_result(result_path)
     resume = ckpt.latest_checkpoint(run_dir) is not None
     echo(f"{spec.name}: {'resuming' if resume else 'training'} {spec.model} ({_budget(run)})")
     torch.manual_seed(run.config.seed)
@@ -167,7 +198,7 @@ def run_one(
         if x.dim() == 4:
             grid = save_png(image_grid(x.float().cpu()), out / "samples" / f"{spec.name}.png")
     bits = result.bits()
-    scale = result.num_dims * 0.6931471805599453
+    scale = result.num_dims * LN2
     row = {
         "run": spec.name,
         "model": spec.model,
@@ -175,6 +206,7 @@ def run_one(
         "params": spec.params,
         "objective_weights": spec.objective_weights,
         "steps": trainer.step,
+        "best_step": trainer.best["step"] if trainer.best is not None else None,
         "train_seconds": trainer.train_seconds,
         "terms_bits_per_dim": {n: -result.means[n] / scale for n in result.terms},
         "terms_mc_se": {n: result.mc_se.get(n, float("nan")) / scale for n in result.terms},
@@ -203,13 +235,23 @@ def run_one(
     return row
 
 
+def read_result(path: Path) -> dict[str, Any]:
+    """A finished run's ``result.json``; an unreadable one is one :class:`ConfigError` line."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"{path} is not a readable run result ({exc}); delete it to run that run again"
+        ) from None
+
+
 def finished_rows(recipe: Recipe, out: Path) -> list[dict[str, Any]]:
     """The report rows of every finished run of ``recipe`` in ``out``, in the recipe's order."""
     rows = []
     for spec in recipe.runs:
         path = out / "runs" / spec.name / "result.json"
         if path.is_file():
-            rows.append(json.loads(path.read_text()))
+            rows.append(read_result(path))
     return rows
 
 

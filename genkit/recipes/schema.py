@@ -82,7 +82,8 @@ class EvalSettings:
     mc_se: float | None = attrs.field(default=0.01, validator=_positive_or_none)
     max_nfe: float | None = attrs.field(default=1000.0, validator=_positive_or_none)
     #: Periodic evaluations during training (a learning curve), each of two draws on the
-    #: first ``curve_batches`` batches of the test split; 0: none.
+    #: first ``curve_batches`` batches of the validation split (``[train] validation_fraction``)
+    #: or else of the test split; 0: none (``keep_best`` needs at least 2).
     points: int = attrs.field(default=8, validator=v.ge(0))
     curve_batches: int | None = attrs.field(default=None, validator=_positive_or_none)
     batch_size: int = attrs.field(default=256, validator=v.ge(1))

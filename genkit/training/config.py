@@ -146,6 +146,11 @@ class TrainConfig:
                 "keep_best picks weights by validation bits/dim: set validation_fraction > 0 "
                 "(e.g. 0.1), never the test split"
             )
+        if self.keep_best and not self.eval_every and (self.eval_points or 0) < 2:
+            raise ValueError(
+                "keep_best needs periodic evaluations to choose from: set eval_every > 0 or "
+                "eval_points >= 2"
+            )
         if self.epochs is not None and self.minutes is not None:
             raise ValueError(
                 "give one budget: 'epochs' or 'minutes' (or 'steps'), not both epochs and minutes"

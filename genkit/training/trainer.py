@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 from torch.utils.data import DataLoader, Dataset
 
+from genkit.data.sampler import batch_tensor
 from genkit.elbo import LN2, ELBOTerms
 from genkit.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from genkit.evaluation import EvalResult, evaluate
@@ -60,21 +61,6 @@ def distribution_validation(enabled: bool) -> Iterator[None]:
         yield
     finally:
         Distribution.set_default_validate_args(before)
-
-
-def batch_tensor(batch: Any) -> Tensor:
-    """A loader's batch as one tensor ``(B, ...)``; of an ``(x, label)`` batch, ``x``."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, list | tuple) and batch:
-        return batch_tensor(batch[0])
-    raise DataError(f"a batch must be a tensor (B, ...), got {type(batch).__name__}")
-
-
-def _collate(items: Any) -> Tensor:
-    if isinstance(items, Tensor):  # __getitems__ already returned the whole batch
-        return items
-    return torch.stack([batch_tensor(i) for i in items])
 
 
 def make_train_loader(
@@ -103,18 +89,6 @@ def make_train_loader(
         world_size=world_size,
         epoch=epoch,
         start_batch=start_batch,
-    )
-
-
-def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """Every example of ``dataset`` once, in order, in batches of ``batch_size``."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        drop_last=False,
-        num_workers=num_workers,
-        collate_fn=_collate,
     )
 
 
@@ -247,6 +221,10 @@ class Trainer:
         )
         self._iter: Iterator[Any] | None = None
         self._first_step_seconds: float | None = None
+        #: with ``minutes``: the step of the second calibration (``None``: none to come) and
+        #: ``(step, train_seconds)`` at the first one
+        self._recalibrate_at: int | None = None
+        self._calibration: tuple[int, float] = (0, 0.0)
         self._acc: MetricAccumulator | None = None
         self._term_names: list[str] = []
         self._extra_names: list[str] = []
@@ -340,7 +318,9 @@ class Trainer:
             step = self.step
             if step == 1:  # one-off costs (first batch fetch, allocations): left out of the rate
                 self._first_step_seconds = elapsed
-            if self.total_steps is None and step == CALIBRATION_STEPS:
+            if (self.total_steps is None and step == CALIBRATION_STEPS) or (
+                step == self._recalibrate_at
+            ):
                 self._calibrate()
             if cfg.log_every and step % cfg.log_every == 0:
                 self._flush_metrics()
@@ -409,14 +389,22 @@ class Trainer:
         return self.total_steps if self.total_steps is not None else CALIBRATION_STEPS
 
     def _calibrate(self) -> None:
-        """Fix ``total_steps`` for a ``minutes`` budget from the mean time of the steps so far
-        but the first (which carries one-off costs): ``max(step, step + remaining / rate)``.
-        Under DDP the processes agree on the smallest. Stored in checkpoints, so a resumed run
-        keeps it (and stays exact)."""
+        """Fix ``total_steps`` for a ``minutes`` budget: ``max(step, step + remaining /
+        rate)``. At step ``CALIBRATION_STEPS`` the rate is the mean time of the steps so far
+        but the first (which carries one-off costs); a second calibration, at a tenth of that
+        estimate (at least twice ``CALIBRATION_STEPS`` steps), measures it again over the
+        steps since, so that a few slow or fast steps at the start (another process busy for
+        a moment) do not set the run's length. Under DDP the processes agree on the smallest
+        total. Both are stored in checkpoints, so a resumed run keeps them (and stays exact)."""
         budget = self.config.minutes * 60.0
-        per_step = self.train_seconds / max(1, self.step)
-        if self._first_step_seconds is not None and self.step > 1:
-            per_step = (self.train_seconds - self._first_step_seconds) / (self.step - 1)
+        if self._recalibrate_at is not None and self.step == self._recalibrate_at:
+            since, seconds = self._calibration
+            per_step = (self.train_seconds - seconds) / max(1, self.step - since)
+            self._recalibrate_at = None
+        else:
+            per_step = self.train_seconds / max(1, self.step)
+            if self._first_step_seconds is not None and self.step > 1:
+                per_step = (self.train_seconds - self._first_step_seconds) / (self.step - 1)
         remaining = max(0.0, budget - self.train_seconds)
         total = self.step + int(remaining / max(per_step, 1e-9))
         if self.dist.world_size > 1:
@@ -424,7 +412,12 @@ class Trainer:
                 [-float(total)], device=self.device if self.device.type == "cuda" else "cpu"
             )
             total = int(-distributed.all_reduce_max(flag).item())
+        first = self.total_steps is None
         self.total_steps = max(self.step, total)
+        if first:
+            again = max(2 * CALIBRATION_STEPS, self.total_steps // 10)
+            self._recalibrate_at = again if again < self.total_steps else None
+            self._calibration = (self.step, self.train_seconds)
         if self.logger is not None:
             self.logger.set_total(self.total_steps)
 
@@ -554,6 +547,11 @@ class Trainer:
             "total_steps": self.total_steps,
             "train_seconds": self.train_seconds,
             "first_step_seconds": self._first_step_seconds,
+            "calibration": {
+                "again_at": self._recalibrate_at,
+                "step": self._calibration[0],
+                "seconds": self._calibration[1],
+            },
             "eval_history": list(self.eval_history),
             "best": self.best,
             "epoch": self.epoch,
@@ -642,6 +640,10 @@ class Trainer:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         first = state.get("first_step_seconds")
         self._first_step_seconds = None if first is None else float(first)
+        calibration = state.get("calibration") or {}
+        again = calibration.get("again_at")
+        self._recalibrate_at = None if again is None else int(again)
+        self._calibration = (int(calibration.get("step", 0)), float(calibration.get("seconds", 0)))
         self.eval_history = [dict(e) for e in state.get("eval_history", [])]
         self.best = state.get("best")
         if self.config.minutes is not None and state.get("total_steps") is not None:
@@ -683,11 +685,10 @@ class Trainer:
         """The last checkpoint, then the test split with the EMA weights (and
         ``on_eval_end``)."""
         cfg = self.config
-        best_step = self.best["step"] if self.best is not None else None
         if cfg.keep_best and self.is_main and (self.best is None or not self._evaluated_now()):
             self.evaluate_and_log()  # the last step competes too
-        changed = self.best is not None and self.best["step"] != best_step
-        if self.step != self._checkpointed_step or changed:
+        # with keep_best always (a collective under DDP, where only rank 0 knows the best)
+        if self.step != self._checkpointed_step or cfg.keep_best:
             self.save_checkpoint()
         if self.best is not None:  # evaluate and sample the best weights from here on
             self.ema_model.load_state_dict(self.best["ema"])

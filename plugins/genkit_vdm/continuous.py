@@ -35,6 +35,7 @@ from genkit.model import LatentVariableModel, StandardNormalPrior, check_count
 from genkit_vdm.encoder import ContinuousForwardProcess, expand_like
 from genkit_vdm.logsnr import LogSNRSchedule, minimise_variance
 from genkit_vdm.model import (
+    Prediction,
     ReverseProcess,
     VDMConfig,
     build_schedule,
@@ -52,6 +53,32 @@ class ContinuousReverseProcess(ReverseProcess):
     ``p(z_s|z_t)``; called as a :class:`~genkit.model.Decoder` it is ``p(x|z_0)``."""
 
     encoder: ContinuousForwardProcess
+
+    def predict(
+        self,
+        z_t: Tensor,
+        t: Tensor | float,
+        clip: bool = False,
+        log_snr: Tensor | None = None,
+        signal_noise: tuple[Tensor, Tensor] | None = None,
+        net_time: Tensor | None = None,
+    ) -> Prediction:
+        """Run the net at ``(z_t, t)`` and read it as eps, x0 or v (see
+        :meth:`ReverseProcess.predict`). The net is given the noise level, not the clock:
+        ``schedule.conditioning(lambda(t))``, the time at which the schedule's initial linear
+        form has the log-SNR ``lambda(t)`` (``t`` itself for ``fixed_linear``; Kingma et al.
+        condition on gamma(t) likewise), so the denoiser is a function of ``(z, lambda)`` and
+        the ELBO depends on the schedule only through its end points. ``log_snr``:
+        ``lambda(t)`` when the caller has it (with its gradient); ``signal_noise`` and
+        ``net_time`` when it has those (the ODE solver), as in :meth:`ReverseProcess.predict`."""
+        if signal_noise is None or net_time is None:
+            t = self.encoder.times(t, z_t.shape[0])
+            log_snr = self.encoder.log_snr(t) if log_snr is None else log_snr
+            if signal_noise is None:
+                signal_noise = self.encoder.coefficients(log_snr)
+            if net_time is None:
+                net_time = self.encoder.schedule.conditioning(log_snr)
+        return super().predict(z_t, t, clip, signal_noise=signal_noise, net_time=net_time)
 
     def p_step(self, z_t: Tensor, t: Tensor | float, s: Tensor | float) -> Distribution:
         """``p(z_s | z_t) = q(z_s | z_t, x = x0_hat(z_t, t))`` for ``0 <= s < t <= 1``."""
@@ -102,7 +129,7 @@ def diffusion_loss(model: ContinuousVDM, x: Tensor, t: Tensor) -> tuple[Tensor, 
     alpha, sigma = model.encoder.coefficients(log_snr.value)
     eps = torch.randn_like(x)
     z_t = expand_like(alpha, x) * x + expand_like(sigma, x) * eps
-    pred = model.decoder.predict(z_t, t, signal_noise=(alpha, sigma))
+    pred = model.decoder.predict(z_t, t, log_snr=log_snr.value)
     sq_err = reduce((eps - pred.eps).float().square(), "n ... -> n", "sum")
     return -0.5 * log_snr.slope * sq_err, sq_err, log_snr
 

@@ -90,11 +90,13 @@ def step_losses(model: VDM, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     x_t = q_t.mean + q_t.stddev * eps
     pred = model.decoder.predict(x_t, t)
     first = t == 1
+    nll = -model.decoder.decoder_from(pred.x0).log_prob(x0)
+    if model.encoder.timesteps == 1:  # no step t >= 2
+        return nll, reduce((eps - pred.eps).square(), "n ... -> n", "sum")
     t_kl = t.clamp(min=2)  # rows with t = 1 compute a KL that the mask drops
     kl = kl_divergence(
         model.encoder.q_posterior(x_t, x0, t_kl), model.decoder.step_from(x_t, t_kl, pred.x0)
     )
-    nll = -model.decoder.decoder_from(pred.x0).log_prob(x0)
     sq_err = reduce((eps - pred.eps).square(), "n ... -> n", "sum")
     return torch.where(first, nll, kl), sq_err
 
@@ -215,6 +217,9 @@ class DenoisingMatchingELBO(ELBO):
     :param reconstruction_every_step: compute ``reconstruction`` at every call with a second
         network call (the estimator of genkit 0.1) and draw ``t`` on ``2..T`` only.
     :param chunk: steps per batched network call in exact mode (default: about 2048 rows).
+    :param cache_pilot: keep a fitted pilot proposal for later calls (default): one fit per
+        evaluation by :func:`genkit.evaluation.evaluate`, which builds its estimator once. The
+        model's own default estimator, which lives as long as the model, does not.
     :param moments: where ``loss_aware`` keeps ``E[L_t^2]``: a :class:`LossSecondMoments`
         owned by a model (the VDM's default estimator uses ``model.loss_moments``, so the
         statistics are in ``model.state_dict()``, in checkpoints and in the EMA copy). ``None``:
@@ -243,6 +248,7 @@ class DenoisingMatchingELBO(ELBO):
         reconstruction_every_step: bool = False,
         chunk: int | None = None,
         moments: LossSecondMoments | None = None,
+        cache_pilot: bool = True,
     ) -> None:
         _check_count_or_none(
             "t_samples", t_samples, " or None (every t; on the command line: exact=true)"
@@ -284,6 +290,7 @@ class DenoisingMatchingELBO(ELBO):
         #: the loss-aware proposal's statistics: a model's (shared) or this estimator's own
         self.moments = moments
         self._owns_moments = moments is None
+        self.cache_pilot = bool(cache_pilot)
         self._pilot: dict[tuple[int, int], Tensor] = {}
 
     # -- dispatch --------------------------------------------------------------------------
@@ -433,12 +440,11 @@ class DenoisingMatchingELBO(ELBO):
     def _pilot_proposal(
         self, model: VDM | None, x: Tensor | None, num_steps: int, first: int, device
     ) -> tuple[Tensor, float]:
-        """The pilot ``p(t) ∝ sqrt(E[L_t^2])`` (see ``proposal``), fitted on ``x``: once per
-        estimator with ``proposal="pilot"`` or statistics of its own; at every call when it
-        stands in for a model's cold loss-aware statistics (so that an evaluation of the model
-        never depends on an earlier one)."""
+        """The pilot ``p(t) ∝ sqrt(E[L_t^2])`` (see ``proposal``), fitted on ``x`` once per
+        estimator (with ``cache_pilot``; the model's own default estimator refits at every
+        call, so that one evaluation of the model never depends on another)."""
         key = (first, num_steps)
-        cache = self.proposal == "pilot" or self._owns_moments
+        cache = self.cache_pilot
         if cache and key in self._pilot:
             return self._pilot[key].to(device), 0.0
         if model is None or x is None:

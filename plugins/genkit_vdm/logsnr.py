@@ -23,10 +23,12 @@ registers the built-ins through the ``register_schedules`` hook (``timesteps=0``
   and the range ``lambda_max - lambda_min`` are softplus images of free parameters plus a floor,
   so ``lambda`` is strictly decreasing for any parameter values.
 
-In continuous time the ELBO depends on the schedule only through its end points (Kingma et al.
-eq. 14): the shape ``u`` changes the variance of the diffusion-loss estimate, not its mean. So
-the end points are trained by the ELBO and the shape by the gradient of ``E[L^2]`` in place of
-``E[L]`` (:func:`minimise_variance`), which lowers the variance of the estimate.
+In continuous time, with a denoiser that sees the noise level ``lambda`` (not the clock ``t``:
+:meth:`LogSNRSchedule.conditioning`), the ELBO depends on the schedule only through its end
+points (Kingma et al. eq. 14 and sec. 5.1): the shape ``u`` changes the variance of the
+diffusion-loss estimate, not its mean. So the end points are trained by the ELBO and the shape
+by the gradient of ``E[L^2]`` in place of ``E[L]`` (:func:`minimise_variance`), which is then
+the gradient of the variance and lowers it.
 """
 
 from __future__ import annotations
@@ -94,19 +96,34 @@ class LogSNRSchedule(nn.Module, abc.ABC):
     ``lambda`` by up to 0.06 at 13.3."""
 
     def forward(self, t: Tensor) -> LogSNR:
+        t = check_times(t)
         anchor = next(iter([*self.parameters(), *self.buffers()]), None)
         if anchor is not None:  # the module's device, and float64 if it was made double
-            t = check_times(t).to(anchor.device, torch.promote_types(anchor.dtype, torch.float32))
+            t = t.to(anchor.device, torch.promote_types(anchor.dtype, torch.float32))
         with torch.autocast(device_type=t.device.type, enabled=False):
-            return self.compute(check_times(t) if anchor is None else t)
+            return self.compute(t)
 
     @abc.abstractmethod
     def compute(self, t: Tensor) -> LogSNR:
         """``lambda`` and ``dlambda/dt`` at ``t: (N,)`` float32 in [0, 1]."""
 
+    #: ``(lambda_max, lambda_min)`` the schedule was created with: the reference of
+    #: :meth:`conditioning`, fixed whatever the learned end points become.
+    reference: tuple[float, float]
+
     def log_snr(self, t: Tensor) -> Tensor:
         """``lambda(t)``, ``(N,)``."""
         return self(t).value
+
+    def conditioning(self, log_snr: Tensor) -> Tensor:
+        """What the denoiser is given for the noise level ``lambda``: ``(lambda_max^0 - lambda)
+        / (lambda_max^0 - lambda_min^0)`` with the end points the schedule was created with,
+        the time at which the linear schedule between them reaches ``lambda`` (so exactly ``t``
+        for ``fixed_linear``, and about ``t`` for a ``learned`` one at the start). A net that
+        sees the noise level, not the clock, makes the ELBO depend on the schedule only
+        through its end points (Kingma et al. 2021, sec. 5.1)."""
+        top, bottom = self.reference
+        return (top - log_snr) / (top - bottom)
 
     def end_points(self) -> tuple[Tensor, Tensor]:
         """``(lambda(0), lambda(1))`` as 0-d tensors (with gradient for learned end points)."""
@@ -144,6 +161,7 @@ class FixedLinear(LogSNRSchedule):
         super().__init__()
         _check_ends(log_snr_max, log_snr_min)
         self.log_snr_max, self.log_snr_min = float(log_snr_max), float(log_snr_min)
+        self.reference = (self.log_snr_max, self.log_snr_min)
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # follows .to(device)
 
     def compute(self, t: Tensor) -> LogSNR:
@@ -185,6 +203,7 @@ class Learned(LogSNRSchedule):
         if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
             raise InvalidParameterError(f"hidden must be an integer >= 1, got {hidden!r}")
         self.hidden = hidden
+        self.reference = (float(log_snr_max), float(log_snr_min))
         span = log_snr_max - log_snr_min - self.min_range
         self.log_snr_max = nn.Parameter(torch.tensor(float(log_snr_max)))
         self.raw_range = nn.Parameter(torch.tensor(_softplus_inverse(max(span, 1e-6))))

@@ -250,13 +250,15 @@ class ReverseProcess(Decoder):
         t: Tensor,
         clip: bool = False,
         signal_noise: tuple[Tensor, Tensor] | None = None,
+        net_time: Tensor | None = None,
     ) -> Prediction:
         """Run ``net(x_t, t)`` and read it as eps, x0 or v; both estimates returned. With
         ``clip``, ``x0_hat`` is clipped to [-1, 1] and ``eps_hat`` re-derived from it
         (``eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t)``), so the two stay consistent.
         ``signal_noise``: ``(sqrt(ab_t), sqrt(1 - ab_t))`` when the caller has them already
-        (default: the encoder's ``signal_noise(t)``)."""
-        out = self.net(x_t, t).to(x_t.dtype)
+        (default: the encoder's ``signal_noise(t)``); ``net_time``: what the net is given in
+        place of ``t`` (the continuous model gives it the noise level, see there)."""
+        out = self.net(x_t, t if net_time is None else net_time).to(x_t.dtype)
         if out.shape != x_t.shape:
             raise InvalidParameterError(
                 f"the denoiser returned shape {tuple(out.shape)} for x_t of shape {tuple(x_t.shape)}"
@@ -335,7 +337,9 @@ class VDM(LatentVariableModel):
         self.prior = StandardNormalPrior(self.data_shape)
         loss_aware = cfg.t_proposal == "loss_aware"
         self.loss_moments = LossSecondMoments(cfg.timesteps) if loss_aware else None
-        self.default_estimator = DenoisingMatchingELBO(**self._estimator_settings())
+        self.default_estimator = DenoisingMatchingELBO(
+            **self._estimator_settings(), cache_pilot=False
+        )
 
     def _estimator_settings(self) -> dict[str, Any]:
         cfg = self.config

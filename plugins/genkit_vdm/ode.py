@@ -138,7 +138,8 @@ def flow_time(model: LatentVariableModel) -> FlowTime:
 
             def continuous(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
                 log_snr = encoder.log_snr_and_slope(t.float())
-                return log_snr.value, log_snr.slope, t
+                # the net sees the noise level, as in training (ContinuousReverseProcess.predict)
+                return log_snr.value, log_snr.slope, encoder.schedule.conditioning(log_snr.value)
 
             return FlowTime(0.0, 1.0, continuous)
         table = getattr(encoder, "alpha_bars", None)
@@ -204,7 +205,10 @@ class _Flow:
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             eps = self.model.decoder.predict(
-                z, net_t.expand(b), signal_noise=(alpha.expand(b), sigma.expand(b))
+                z,
+                net_t.expand(b),
+                signal_noise=(alpha.expand(b), sigma.expand(b)),
+                net_time=net_t.expand(b),
             ).eps
             div_eps = divergence(eps, z, self.noise)
         s, r = expand_like(slope.expand(b), z), expand_like(sigma.expand(b), z)

@@ -308,3 +308,23 @@ def test_the_final_evaluation_keeps_to_its_nfe_budget():
     # the VAE's ELBO costs 2 network evaluations per example per draw: 5 draws fit in 10
     assert (result.stop, result.draws, result.nfe_per_example) == ("max_nfe", 5, 10.0)
     assert result.target_mc_se == 1e-9 and result.mc_se["bits_per_dim"] > 1e-9
+
+
+class SlowStart(Clock):
+    """Steps 2..20 take 3 DT (another process busy at the start), every later one DT."""
+
+    def step(self):
+        self.now += (FIRST if self.calls == 0 else 3 if self.calls < 20 else 1) * self.dt
+        self.calls += 1
+
+
+def test_a_second_calibration_corrects_a_slow_start(clocked):
+    clocked(SlowStart())
+    trainer = Trainer(tiny_vae(), TrainConfig(minutes=1.0, **QUIET), tiny_images(64))
+    budget = 60.0
+    first = expected_total(budget, FIRST * DT, 3 * DT)  # what the slow start alone suggests
+    again = max(2 * CALIBRATION_STEPS, first // 10)
+    spent = (FIRST + 19 * 3 + (again - 20)) * DT
+    trainer.fit()
+    assert trainer.total_steps == again + int((budget - spent) / DT) > first
+    assert trainer.train_seconds == pytest.approx(budget, abs=DT)

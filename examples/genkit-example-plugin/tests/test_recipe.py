@@ -26,7 +26,7 @@ def test_the_plugin_trains_through_genkit_run(tmp_path):
         "budget={steps=3}",
         "train.batch_size=16",
         "train.num_threads=1",
-        "eval.points=0",
+        "eval.points=2",
         "eval.samples=4",
         "eval.mc_se=1.0",
     ]

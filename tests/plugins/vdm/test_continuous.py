@@ -399,3 +399,48 @@ def test_under_bf16_autocast_the_schedule_and_the_loss_stay_float32():
     assert torch.equal(mixed.value, plain.value) and torch.equal(mixed.slope, plain.slope)
     assert all(v.dtype == torch.float32 for v in terms.terms.values())
     assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+
+
+class KnownLevel(nn.Module):
+    """For data that is the single point ``x_ref``, given the noise level ``u`` (the net's time
+    input, ``(13.3 - lambda) / 18.3``): ``eps_hat = (z - alpha x_ref) / sigma + sin(6 u)``,
+    so ``eps - eps_hat = -sin(6 u)``: the loss is a function of the noise level alone."""
+
+    def __init__(self, x_ref):
+        super().__init__()
+        self.x_ref = x_ref
+
+    def forward(self, z, u):
+        lam = (13.3 - 18.3 * u).view(-1, 1, 1, 1)
+        a, s = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+        return (z - a * self.x_ref) / s + torch.sin(6 * u).view(-1, 1, 1, 1)
+
+
+def test_the_elbo_depends_on_the_schedule_only_through_its_end_points():
+    """The net sees the noise level (``schedule.conditioning(lambda)``), so two learned
+    schedules with the same end points and different shapes give the same ELBO in
+    expectation (Kingma et al. eq. 14), though not the same variance."""
+    x_ref = _images(1)
+    x = x_ref.repeat(4000, 1, 1, 1)
+    means, variances = [], []
+    for shape_seed in (None, 3):
+        m = _small(schedule_params={"hidden": 4})  # few units: a visibly different shape
+        m.decoder.net = KnownLevel(x_ref)
+        if shape_seed is not None:  # a steep interior, the same end points
+            with torch.no_grad():
+                m.schedule.raw_weight.fill_(4.0)
+                m.schedule.raw_frequency.fill_(20.0)
+                m.schedule.centre.copy_(torch.tensor([0.2, 0.3, 0.7, 0.8]))
+        lam = m.schedule(torch.tensor([0.0, 1.0])).value
+        assert lam[0].item() == pytest.approx(13.3) and lam[1].item() == pytest.approx(-5.0)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            total = m.elbo(x, t_sampler="uniform").terms["denoising_matching"].double()
+        means.append(total.mean().item())
+        variances.append(total.var().item())
+    se = math.sqrt(sum(variances) / x.shape[0])
+    # -1/2 int sin(6 u)^2 d lambda over the linear range, in closed form
+    expected = -0.5 * 18.3 * 16 * (0.5 - math.sin(12) / 24)
+    for mean in means:
+        assert abs(mean - expected) < 4 * se, (means, expected, se)
+    assert abs(variances[0] - variances[1]) > 0.2 * min(variances), variances

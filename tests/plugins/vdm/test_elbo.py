@@ -585,3 +585,19 @@ def test_estimator_errors():
     vae = genkit.create_model("vae", (1, 4, 4), latent_dim=2, hidden=8, net="mlp")
     with pytest.raises(IncompatibleEstimatorError, match=r"q_posterior|closed-form"):
         vae.elbo(x, "denoising_matching")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_single_step_vdm_is_all_reconstruction(training):
+    """T = 1: every draw is t = 1, the reconstruction, with weight 1 (no KL term at all)."""
+    m = _vdm(timesteps=1, shape=(4,), net=RandomEps(4))
+    m.train(training)
+    x = torch.randn(2, 4).clamp(-1, 1).repeat(2000, 1)
+    with torch.no_grad():
+        terms = m.elbo(x)
+        exact = m.elbo(x, t_samples=None)
+    assert torch.equal(terms.terms["denoising_matching"], torch.zeros(4000)) and terms.nfe == 1.0
+    got = terms.terms["reconstruction"].view(2000, 2).double()
+    want = exact.terms["reconstruction"].view(2000, 2).double()
+    se = (got.var(0) / 2000 + want.var(0) / 2000).sqrt()
+    assert ((got.mean(0) - want.mean(0)).abs() < 4 * se).all()
