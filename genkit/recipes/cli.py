@@ -47,13 +47,13 @@ def run(
     from genkit.recipes.report import plain, write_report
     from genkit.recipes.runner import finished_rows, prepare, run_one
     from genkit.recipes.schema import load_recipe
-    from genkit.training.cli import _open
+    from genkit.training.cli import open_split
 
     began = time.perf_counter()
     recipe = load_recipe(recipe_path, sets)
     out = Path(out if out is not None else recipe.out)
-    train_ds = _open(recipe.data, "train", cache_dir=cache_dir)
-    test_ds = _open(recipe.data, "test", cache_dir=cache_dir)
+    train_ds = open_split(recipe.data, "train", cache_dir=cache_dir)
+    test_ds = open_split(recipe.data, "test", cache_dir=cache_dir)
     prepared = prepare(recipe, train_ds, test_ds, list(only) or None)
     echo = (lambda _text: None) if quiet else (lambda text: click.echo(text, err=True))
     echo(f"{recipe.name}: {len(prepared)} runs on {recipe.data}, output in {out}")

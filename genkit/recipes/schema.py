@@ -43,12 +43,7 @@ from attrs import validators as v
 
 from genkit.config import did_you_mean, field_names, structure
 from genkit.errors import ConfigError
-from genkit.training.config import parse_pairs
-
-
-def _positive_or_none(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not value > 0):
-        raise ValueError(f"'{attribute.name}' must be > 0 or absent, got {value!r}")
+from genkit.training.config import parse_pairs, positive_or_none
 
 
 @attrs.frozen(kw_only=True)
@@ -56,8 +51,8 @@ class Budget:
     """A run's training budget: ``steps`` optimisation steps or ``minutes`` of training time
     (evaluations excluded), exactly one of them."""
 
-    steps: int | None = attrs.field(default=None, validator=_positive_or_none)
-    minutes: float | None = attrs.field(default=None, validator=_positive_or_none)
+    steps: int | None = attrs.field(default=None, validator=positive_or_none)
+    minutes: float | None = attrs.field(default=None, validator=positive_or_none)
 
     def __attrs_post_init__(self) -> None:
         if (self.steps is None) == (self.minutes is None):
@@ -79,13 +74,13 @@ class EvalSettings:
     params: dict[str, Any] = attrs.field(factory=dict)
     #: The final evaluation draws until ``mc_se`` of bits/dim is reached (``None``: two draws)
     #: or ``max_nfe`` network evaluations per example are spent (``None``: no limit).
-    mc_se: float | None = attrs.field(default=0.01, validator=_positive_or_none)
-    max_nfe: float | None = attrs.field(default=1000.0, validator=_positive_or_none)
+    mc_se: float | None = attrs.field(default=0.01, validator=positive_or_none)
+    max_nfe: float | None = attrs.field(default=1000.0, validator=positive_or_none)
     #: Periodic evaluations during training (a learning curve), each of two draws on the
     #: first ``curve_batches`` batches of the validation split (``[train] validation_fraction``)
     #: or else of the test split; 0: none (``keep_best`` needs at least 2).
     points: int = attrs.field(default=8, validator=v.ge(0))
-    curve_batches: int | None = attrs.field(default=None, validator=_positive_or_none)
+    curve_batches: int | None = attrs.field(default=None, validator=positive_or_none)
     batch_size: int = attrs.field(default=256, validator=v.ge(1))
     #: Images in the run's sample grid, and the grid's timing of sampling.
     samples: int = attrs.field(default=64, validator=v.ge(0))

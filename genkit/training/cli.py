@@ -40,7 +40,8 @@ def data_spec(data: str) -> str:
     return data if data.startswith("builtin:") else str(Path(data).expanduser().resolve())
 
 
-def _open(spec: str, split: str, required: bool = True, cache_dir: Path | None = None):
+def open_split(spec: str, split: str, required: bool = True, cache_dir: Path | None = None):
+    """One split of ``spec`` (a file or ``builtin:NAME``); a missing optional one is a warning."""
     from genkit.data import open_dataset
 
     try:
@@ -118,8 +119,8 @@ def train(
 
     info = distributed.init_from_env(config.device)
     try:
-        train_ds = _open(spec, "train", cache_dir=cache_dir)
-        test_ds = _open(spec, "test", required=False, cache_dir=cache_dir)
+        train_ds = open_split(spec, "train", cache_dir=cache_dir)
+        test_ds = open_split(spec, "test", required=False, cache_dir=cache_dir)
         torch.manual_seed(config.seed)  # the same initial weights on every rank and run
         model = create_model(model_name, tuple(train_ds.data_shape), **model_params)
         trainer = Trainer(
@@ -250,7 +251,7 @@ def eval_(
         estimator = info["train"].get("eval_estimator")
         if not params:
             estimator_params = dict(info["train"].get("eval_estimator_params") or {})
-    dataset = _open(info["data"], split, cache_dir=cache_dir)
+    dataset = open_split(info["data"], split, cache_dir=cache_dir)
     torch.manual_seed(seed)
     result = evaluate(
         model,

@@ -20,8 +20,9 @@ from genkit.config import did_you_mean, field_names, structure, unstructure
 from genkit.errors import ConfigError
 
 
-def _positive_or_none(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None and value <= 0:
+def positive_or_none(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """An attrs validator: ``value`` is ``None`` or a number > 0 (not a bool)."""
+    if value is not None and (isinstance(value, bool) or not value > 0):
         raise ValueError(f"'{attribute.name}' must be > 0 or None, got {value!r}")
 
 
@@ -58,11 +59,11 @@ class TrainConfig:
     #: Optimisation steps in total (ignored when ``epochs`` or ``minutes`` is set).
     steps: int = attrs.field(default=2000, validator=v.ge(1))
     #: Train for this many passes over the training split instead of ``steps``.
-    epochs: int | None = attrs.field(default=None, validator=_positive_or_none)
+    epochs: int | None = attrs.field(default=None, validator=positive_or_none)
     #: Train for this many minutes of optimisation steps (evaluation and checkpoints not
     #: counted) instead of ``steps``: the step count is fixed after ``CALIBRATION_STEPS``
     #: (20) steps from their measured time, and kept on resume.
-    minutes: float | None = attrs.field(default=None, validator=_positive_or_none)
+    minutes: float | None = attrs.field(default=None, validator=positive_or_none)
     #: Global batch size (split evenly over the processes under ``torchrun``).
     batch_size: int = attrs.field(default=64, validator=v.ge(1))
     # -- AdamW ---------------------------------------------------------------------------
@@ -91,7 +92,7 @@ class TrainConfig:
     channels_last: bool = True
     num_workers: int = attrs.field(default=0, validator=v.ge(0))
     #: ``torch.set_num_threads`` for this process (``None``: torch's default, one per core).
-    num_threads: int | None = attrs.field(default=None, validator=_positive_or_none)
+    num_threads: int | None = attrs.field(default=None, validator=positive_or_none)
     #: DDP's ``find_unused_parameters`` (for models whose ELBO skips some parameters).
     find_unused_parameters: bool = False
     # -- evaluation, checkpoints, logging ------------------------------------------------
@@ -100,9 +101,9 @@ class TrainConfig:
     #: (at steps ``round(k total / eval_points)``, k = 1..eval_points - 1; the last one is the
     #: final evaluation), placed once ``total_steps`` is known (after the calibration of a
     #: ``minutes`` budget).
-    eval_points: int | None = attrs.field(default=None, validator=_positive_or_none)
+    eval_points: int | None = attrs.field(default=None, validator=positive_or_none)
     #: Batches of the test split per periodic evaluation (``None``: all of it).
-    eval_batches: int | None = attrs.field(default=None, validator=_positive_or_none)
+    eval_batches: int | None = attrs.field(default=None, validator=positive_or_none)
     eval_batch_size: int = attrs.field(default=256, validator=v.ge(1))
     #: Estimator for evaluation (a registered name; ``None``: the model's default).
     eval_estimator: str | None = None
@@ -111,8 +112,8 @@ class TrainConfig:
     #: the test bits/dim is at most ``eval_mc_se`` (``None``: two draws), within
     #: ``eval_max_nfe`` network evaluations per example (``None``: no limit). Periodic
     #: evaluations take two draws.
-    eval_mc_se: float | None = attrs.field(default=0.01, validator=_positive_or_none)
-    eval_max_nfe: float | None = attrs.field(default=1000.0, validator=_positive_or_none)
+    eval_mc_se: float | None = attrs.field(default=0.01, validator=positive_or_none)
+    eval_max_nfe: float | None = attrs.field(default=1000.0, validator=positive_or_none)
     #: Hold out this fraction of the train split (its last rows, a random subset in genkit's
     #: files) as a validation split, never trained on: periodic evaluations use it instead of
     #: the test split.

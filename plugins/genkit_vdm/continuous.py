@@ -32,6 +32,7 @@ from genkit.distributions import DiscretizedGaussian
 from genkit.elbo import ELBO, ELBOTerms
 from genkit.errors import InvalidParameterError
 from genkit.model import LatentVariableModel, StandardNormalPrior, check_count
+from genkit_vdm.draws import draw_uniforms
 from genkit_vdm.encoder import ContinuousForwardProcess, expand_like
 from genkit_vdm.logsnr import LogSNRSchedule, minimise_variance
 from genkit_vdm.model import (
@@ -100,27 +101,6 @@ class ContinuousReverseProcess(ReverseProcess):
         return self.decoder_at(z_0, self.encoder.log_snr(0.0))
 
 
-def draw_uniforms(
-    k: int, b: int, sampler: str, *, shared: bool, device: torch.device | None = None
-) -> Tensor:
-    """``(k, b)`` numbers in [0, 1), the ``k`` draws of each of ``b`` examples.
-
-    ``uniform``: independent. ``stratified`` (Kingma et al.'s low-discrepancy sampler):
-    ``u_{j,e} = frac(U + (j b + e) / (k b))``, an evenly spaced grid with a random shift, so each
-    example's ``k`` draws lie ``1/k`` apart; with ``shared`` one ``U`` for the whole call (the
-    draws of different examples are spread too: training), otherwise one ``U`` per example (the
-    examples are independent, as an honest Monte-Carlo error needs: evaluation). Every
-    ``u_{j,e}`` is uniform on [0, 1), so any estimator averaging ``f(u)`` stays unbiased.
-    """
-    if sampler == "uniform":
-        return torch.rand(k, b, device=device)
-    n = k * b
-    grid = torch.arange(n, device=device, dtype=torch.float64).view(k, b) / n
-    shift = torch.rand((1, 1) if shared else (1, b), device=device, dtype=torch.float64)
-    # below 1 in float32 too (a float64 value within 2^-25 of 1 would round up to 1.0)
-    return torch.frac(grid + shift).float().clamp(max=1.0 - 2.0**-24)
-
-
 def diffusion_loss(model: ContinuousVDM, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, LogSNR]:
     """At one draw ``z_t = alpha_t x + sigma_t eps`` per row (``x: (N, ...)``, ``t: (N,)``):
     ``L = -1/2 lambda'(t) ||eps - eps_hat(z_t, t)||^2`` and ``||eps - eps_hat||^2``, each
@@ -143,7 +123,7 @@ def continuous_elbo(model: ContinuousVDM, x: Tensor, t_samples: int, sampler: st
     t = u.reshape(-1)  # row j * B + e: draw j of example e
     loss, sq_err, log_snr = diffusion_loss(model, repeat(x, "b ... -> (k b) ...", k=t_samples), t)
     minimise_variance(log_snr, loss)
-    ends = model.encoder.log_snr_and_slope(torch.tensor([0.0, 1.0])).value  # lambda(0), lambda(1)
+    ends = model.schedule.end_points()  # lambda(0), lambda(1)
     alpha_0, sigma_0 = model.encoder.coefficients(ends[0])
     z_0 = alpha_0 * x + sigma_0 * torch.randn_like(x)
     alpha_1, sigma_1 = model.encoder.coefficients(ends[1])
@@ -244,4 +224,4 @@ class ContinuousVDM(LatentVariableModel):
         return continuous(self, n, steps, eta=eta, generator=generator, clip=clip, final=final)
 
 
-__all__ = ["ContinuousReverseProcess", "ContinuousVDM", "continuous_elbo", "draw_uniforms"]
+__all__ = ["ContinuousReverseProcess", "ContinuousVDM", "continuous_elbo"]

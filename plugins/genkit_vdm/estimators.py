@@ -21,7 +21,7 @@ second network call) and draws ``t`` on ``2..T`` only.
 
 The uniform numbers behind the draws are ``stratified`` by default (an evenly spaced grid with
 a random shift, Kingma et al. 2021's low-discrepancy sampler; see
-:func:`genkit_vdm.continuous.draw_uniforms`), mapped to steps through the inverse CDF of
+:func:`genkit_vdm.draws.draw_uniforms`), mapped to steps through the inverse CDF of
 ``p``: each draw stays exactly distributed as ``p``, so the estimate stays unbiased.
 
 The other decomposition of the same ELBO, the consistency form, is
@@ -50,7 +50,8 @@ from torch.distributions import kl_divergence
 
 from genkit.elbo import ELBO, ELBOTerms
 from genkit.errors import IncompatibleEstimatorError, InvalidParameterError
-from genkit_vdm.continuous import continuous_elbo, draw_uniforms
+from genkit_vdm.continuous import continuous_elbo
+from genkit_vdm.draws import draw_uniforms, inverse_cdf
 
 if TYPE_CHECKING:
     from genkit_vdm.model import VDM
@@ -116,14 +117,6 @@ def first_step(model: VDM, x0: Tensor) -> tuple[Tensor, Tensor]:
 def prior_matching(model: VDM, x0: Tensor) -> Tensor:
     """``-KL(q(x_T|x_0) || N(0, I))``, analytic, ``(B,)``."""
     return -kl_divergence(model.encoder.q_marginal(x0, model.encoder.timesteps), model.prior())
-
-
-def inverse_cdf(p: Tensor, u: Tensor, first: int) -> Tensor:
-    """Steps ``first + i`` with ``i ~ p`` (``p: (K,)`` float64, summing to 1) from uniforms
-    ``u`` in [0, 1): ``i`` is the first index whose cumulative probability exceeds ``u``."""
-    cdf = torch.cumsum(p, 0)
-    i = torch.searchsorted(cdf, u.double().reshape(-1) * cdf[-1], right=True)
-    return i.clamp(max=p.numel() - 1).view(u.shape) + first
 
 
 class LossSecondMoments(nn.Module):
@@ -199,7 +192,7 @@ class DenoisingMatchingELBO(ELBO):
         evaluates every ``t`` (exact in t; discrete time only).
     :param exact: the same as ``t_samples=None``.
     :param t_sampler: ``stratified`` (default) or ``uniform`` uniforms behind the draws
-        (:func:`genkit_vdm.continuous.draw_uniforms`): in training mode (``model.training``)
+        (:func:`genkit_vdm.draws.draw_uniforms`): in training mode (``model.training``)
         the grid's shift is shared by the batch, in evaluation each example has its own.
     :param proposal: discrete time, ``p(t)`` on the steps drawn (``1..T``, or ``2..T`` with
         ``reconstruction_every_step``): ``loss_aware`` (default; ``p(t) ∝ sqrt(E[L_t^2])`` from

@@ -369,7 +369,7 @@ def test_one_network_call_per_example_per_draw(k, every_step):
 def test_stratified_uniforms_are_an_evenly_spaced_grid():
     """draw_uniforms: shared, the k b numbers are one shifted grid with spacing exactly 1/(k b);
     per example, its k numbers are 1/k apart modulo 1 with a shift of its own."""
-    from genkit_vdm.continuous import draw_uniforms
+    from genkit_vdm.draws import draw_uniforms
 
     torch.manual_seed(0)
     k, b = 3, 5
