@@ -4,8 +4,12 @@ Each step minimises the batch mean of ``ELBOTerms.objective(weights)``, the weig
 ELBO ``-(sum_k w_k terms_k + sum_j w_j extras_j)`` (weights from ``objective_weights``, with
 ``warmup_terms`` ramped linearly from 0 over ``warmup_steps``), with AdamW, a warm-up + cosine
 (or constant) learning rate, gradient clipping and an EMA of the weights. What is logged and
-reported as the ELBO is always the unweighted ``total = sum_k terms_k``; evaluation uses the
-EMA weights.
+reported as the ELBO is always the unweighted ``total = sum_k terms_k``. With a ``minutes``
+budget the step count is fixed from the measured step time (:data:`CALIBRATION_STEPS`).
+
+The :class:`Trainer` is this loop; its evaluation and sampling (with the EMA weights) are
+:class:`~genkit.training.evaluating.EvaluationMixin`'s, its checkpoints and exact resume
+:class:`~genkit.training.state.CheckpointMixin`'s.
 
 torch.distributions checks every distribution's arguments as it is built, which costs a
 device-to-host sync per distribution and turns a NaN parameter into torch's ``ValueError``.
@@ -36,14 +40,29 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 from torch.utils.data import DataLoader, Dataset
 
-from genkit.data.sampler import batch_tensor
+from genkit.data.sampler import batch_tensor, make_eval_loader
 from genkit.elbo import LN2, ELBOTerms
-from genkit.errors import CheckpointError, ConfigError, DataError, NonFiniteError
-from genkit.evaluation import EvalResult, evaluate
+from genkit.errors import ConfigError, DataError, NonFiniteError
+from genkit.evaluation import EvalResult
 from genkit.training import checkpoint as ckpt
 from genkit.training import distributed
 from genkit.training.config import TrainConfig, config_dict
-from genkit.training.logging import MetricAccumulator, RunLogger, image_grid, with_totals
+from genkit.training.evaluating import EvaluationMixin
+from genkit.training.logging import MetricAccumulator, RunLogger, with_totals
+from genkit.training.state import CheckpointMixin
+
+# batch_tensor, make_eval_loader and EvalResult are re-exported for plugins that read data
+# as the trainer does (genkit_hvae)
+__all__ = [
+    "CALIBRATION_STEPS",
+    "EvalResult",
+    "Trainer",
+    "batch_tensor",
+    "bits_per_dim",
+    "distribution_validation",
+    "make_eval_loader",
+    "make_train_loader",
+]
 
 #: With a ``minutes`` budget, the step after which the step time is measured and
 #: ``total_steps`` fixed: every run takes at least this many steps.
@@ -92,13 +111,14 @@ def make_train_loader(
     )
 
 
-class Trainer:
+class Trainer(CheckpointMixin, EvaluationMixin):
     """Trains ``model`` on ``train_dataset`` by its ELBO (see the module docstring).
 
     :param model: any :class:`~genkit.model.LatentVariableModel`.
     :param config: a :class:`TrainConfig`.
     :param train_dataset: a dataset whose items (or ``__getitems__`` batches) are tensors.
-    :param test_dataset: evaluated every ``config.eval_every`` steps and at the end.
+    :param test_dataset: evaluated at the end, and periodically (``eval_every`` or
+        ``eval_points``) unless ``validation_fraction`` holds out a validation split.
     :param run_dir: where ``config.json``, ``checkpoints/`` and ``tb/`` (TensorBoard) go;
         ``None`` writes nothing.
     :param catalog: the plugin catalogue whose trainer hooks are called (default: the
@@ -341,48 +361,6 @@ class Trainer:
                 self.save_checkpoint()
         self._flush_metrics()
 
-    def _periodic_dataset(self) -> Dataset | None:
-        """What periodic evaluations use: the validation split if held out, else the test split."""
-        return self.validation_dataset if self.validation_dataset is not None else self.test_dataset
-
-    def _consider_best(self, result: EvalResult) -> None:
-        """Keep the EMA weights if ``result`` (on the validation split) is the best so far."""
-        bits = result.bits()["mean"]
-        if self.best is None or bits < self.best["bits_per_dim"]:
-            state = {
-                k: v.detach().to("cpu", copy=True) for k, v in self.ema_model.state_dict().items()
-            }
-            self.best = {"step": self.step, "bits_per_dim": bits, "ema": state}
-
-    def _record_eval(self, result: EvalResult, split: str) -> None:
-        """Append an evaluation to ``eval_history``, the learning curve kept in checkpoints."""
-        bits = result.bits()
-        self.eval_history.append(
-            {
-                "split": split,
-                "step": self.step,
-                "train_seconds": self.train_seconds,
-                "bits_per_dim": bits["mean"],
-                "se": bits["se"],
-                "mc_se": bits["mc_se"],
-                "examples": result.count,
-            }
-        )
-
-    def _evaluated_now(self) -> bool:
-        """Whether the last periodic evaluation was made at this step."""
-        periodic = [e for e in self.eval_history if e.get("split") != "test"]
-        return bool(periodic) and periodic[-1]["step"] == self.step
-
-    def _eval_due(self, step: int) -> bool:
-        """Whether a periodic evaluation falls on ``step`` (``eval_points`` or ``eval_every``)."""
-        points = self.config.eval_points
-        if points is None:
-            return bool(self.config.eval_every) and step % self.config.eval_every == 0
-        if self.total_steps is None or step >= self.total_steps:
-            return False
-        return any(round(k * self.total_steps / points) == step for k in range(1, points))
-
     def _total(self) -> int:
         """``total_steps``, or (before a ``minutes`` budget is calibrated) the step after the
         calibration."""
@@ -463,200 +441,6 @@ class Trainer:
         self._update_ema()
         self._acc.add(values)
 
-    @torch.no_grad()
-    def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
-        """Mean test ELBO terms (EMA weights), with ``elbo`` and ``bits_per_dim``."""
-        return self.evaluate_detailed(max_batches=max_batches).means
-
-    @torch.no_grad()
-    def evaluate_detailed(
-        self,
-        max_batches: int | None = None,
-        *,
-        dataset: Dataset | None = None,
-        estimator: str | None = None,
-        estimator_params: Mapping[str, Any] | None = None,
-        use_ema: bool = True,
-        mc_se: float | None = None,
-        max_nfe: float | None = None,
-    ) -> EvalResult:
-        """Every ELBO term on ``dataset`` (default: the test split) with ``se`` and ``mc_se``
-        (:func:`genkit.evaluation.evaluate`): two draws per example, or draws until the
-        ``mc_se`` target or the ``max_nfe`` budget.
-
-        Uses ``config.eval_estimator``/``eval_estimator_params`` unless given, in fp32, with
-        a random stream of its own (seeded by ``seed`` and the step) so evaluation neither
-        disturbs nor depends on the training randomness.
-        """
-        dataset = dataset if dataset is not None else self.test_dataset
-        if dataset is None:
-            raise DataError("evaluation needs a test dataset; none was given to the Trainer")
-        estimator = estimator if estimator is not None else self.config.eval_estimator
-        params = (
-            estimator_params if estimator_params is not None else self.config.eval_estimator_params
-        )
-        with self._private_rng(self.config.seed + 1_000_003 * (self.step + 1)):
-            return evaluate(
-                self.ema_model if use_ema else self.model,
-                dataset,
-                estimator=estimator,
-                params=params,
-                mc_se=mc_se,
-                max_nfe=max_nfe,
-                batch_size=self.config.eval_batch_size,
-                max_batches=max_batches,
-                channels_last=self._channels_last,
-            )
-
-    def evaluate_and_log(self) -> dict[str, float] | None:
-        """The periodic evaluation (rank 0): test terms to ``eval/*``, a sample grid for image
-        data, then ``on_eval_end``."""
-        if not self.is_main:
-            return None
-        validation = self.validation_dataset is not None
-        result = self.evaluate_detailed(
-            max_batches=self.config.eval_batches, dataset=self._periodic_dataset()
-        )
-        self._record_eval(result, "validation" if validation else "test")
-        self.logger.scalars("val" if validation else "eval", result.means, self.step)
-        if self.config.keep_best:
-            self._consider_best(result)
-        if len(self.model.data_shape) == 3 and self.config.num_samples > 0:
-            self.logger.image(
-                "samples", image_grid(self.sample(self.config.num_samples)), self.step
-            )
-        self._call_hook("on_eval_end", trainer=self, step=self.step, metrics=dict(result.means))
-        return result.means
-
-    @torch.no_grad()
-    def sample(self, n: int, *, seed: int | None = None, use_ema: bool = True) -> Tensor:
-        """``n`` draws from the (EMA) model, ``(n, *data_shape)``, from a private random
-        stream (``seed``, default the config's seed and the step)."""
-        model = self.ema_model if use_ema else self.model
-        seed = self.config.seed + 7919 * (self.step + 1) if seed is None else seed
-        with self._private_rng(seed):
-            generator = torch.Generator(self.device).manual_seed(seed)
-            return model.sample(n, generator=generator, **self.config.sample_params)
-
-    # -- checkpoints -----------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly (tensors and plain values only)."""
-        return {
-            "format": ckpt.FORMAT,
-            "step": self.step,
-            "total_steps": self.total_steps,
-            "train_seconds": self.train_seconds,
-            "first_step_seconds": self._first_step_seconds,
-            "calibration": {
-                "again_at": self._recalibrate_at,
-                "step": self._calibration[0],
-                "seconds": self._calibration[1],
-            },
-            "eval_history": list(self.eval_history),
-            "best": self.best,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "model": self.model.state_dict(),
-            "ema": self.ema_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": self._gather_rng(),
-            "config": config_dict(self.config),
-            "run_info": json.loads(json.dumps(self.run_info, default=str)),
-            "data_shape": list(self.model.data_shape),
-            "world_size": self.dist.world_size,
-        }
-
-    def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoints/step-NNNNNNNN.pt`` atomically, keep the newest
-        ``keep_checkpoints``, call ``on_checkpoint``. Collective under DDP; rank 0 writes."""
-        self._raise_if_nonfinite()
-        state = self.state_dict()  # gathers every rank's RNG state
-        self._checkpointed_step = self.step
-        if not self.is_main or self.run_dir is None:
-            return None
-        path = ckpt.save_atomic(state, ckpt.checkpoint_path(self.run_dir, self.step))
-        ckpt.prune(self.run_dir, self.config.keep_checkpoints)
-        self._last_checkpoint = path
-        if self.logger is not None:
-            self.logger.flush()
-        self._call_hook("on_checkpoint", trainer=self, step=self.step, path=path)
-        return path
-
-    def resume(self, path: str | Path | None = None) -> Path:
-        """Restore ``path`` (default: the run dir's latest checkpoint)."""
-        older: list[Path] = []
-        if path is None:
-            if self.run_dir is None:
-                raise CheckpointError("resume needs a run dir or a checkpoint path")
-            *older, path = ckpt.list_checkpoints(self.run_dir) or [None]
-            if path is None:
-                raise CheckpointError(
-                    f"--resume: no checkpoint in {ckpt.checkpoint_dir(self.run_dir)}"
-                )
-        try:
-            # on the CPU: load_state_dict copies into the model's and optimizer's devices, and
-            # the RNG states must be CPU tensors
-            state = ckpt.load(path, map_location="cpu")
-        except CheckpointError as exc:
-            if not older:
-                raise
-            raise CheckpointError(
-                f"{exc}; to resume from an older checkpoint ({', '.join(p.name for p in older)}) "
-                "move this file out of the way"
-            ) from None
-        self.load_state_dict(state, path=Path(path))
-        self._last_checkpoint = Path(path)
-        self._checkpointed_step = self.step
-        return Path(path)
-
-    def load_state_dict(self, state: Mapping[str, Any], *, path: Path) -> None:
-        """Restore what :meth:`state_dict` returned; a mismatch is a :class:`CheckpointError`
-        naming ``path``."""
-        saved_model = (state.get("run_info") or {}).get("model", {}).get("name")
-        mine = self.run_info.get("model", {}).get("name")
-        if saved_model and mine and saved_model != mine:
-            raise CheckpointError(
-                f"checkpoint {path} holds model '{saved_model}', but this run trains '{mine}'"
-            )
-        if list(state.get("data_shape", [])) != list(self.model.data_shape):
-            raise CheckpointError(
-                f"checkpoint {path} is for data of shape {tuple(state.get('data_shape', []))}, "
-                f"this model's is {tuple(self.model.data_shape)}"
-            )
-        ckpt.load_module_state(self.model, state["model"], path, "model")
-        ckpt.load_module_state(self.ema_model, state["ema"], path, "model's EMA")
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            step, epoch, batch = (
-                int(state["step"]),
-                int(state["epoch"]),
-                int(state["batch_in_epoch"]),
-            )
-        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-            raise CheckpointError(f"checkpoint {path} does not match this run: {exc}") from None
-        self.step, self.epoch, self.batch_in_epoch = step, epoch, batch
-        self.train_seconds = float(state.get("train_seconds", 0.0))
-        first = state.get("first_step_seconds")
-        self._first_step_seconds = None if first is None else float(first)
-        calibration = state.get("calibration") or {}
-        again = calibration.get("again_at")
-        self._recalibrate_at = None if again is None else int(again)
-        self._calibration = (int(calibration.get("step", 0)), float(calibration.get("seconds", 0)))
-        self.eval_history = [dict(e) for e in state.get("eval_history", [])]
-        self.best = state.get("best")
-        if self.config.minutes is not None and state.get("total_steps") is not None:
-            self.total_steps = int(state["total_steps"])  # the calibrated budget, kept
-            if self.logger is not None:
-                self.logger.set_total(self.total_steps)
-        self._iter = None
-        rng = state["rng"]
-        if len(rng) == self.dist.world_size:
-            ckpt.set_rng_state(rng[self.dist.rank])
-        else:  # another world size: a fresh, still deterministic stream per rank
-            self._seed_everything(self.config.seed + self.dist.rank + 7 * step)
-
     # -- internals -------------------------------------------------------------------------
     def _seed_everything(self, seed: int) -> None:
         random.seed(seed)
@@ -682,37 +466,19 @@ class Trainer:
         return not self.interrupted
 
     def _finish(self) -> EvalResult | None:
-        """The last checkpoint, then the test split with the EMA weights (and
-        ``on_eval_end``)."""
-        cfg = self.config
-        if cfg.keep_best and self.is_main and (self.best is None or not self._evaluated_now()):
-            self.evaluate_and_log()  # the last step competes too
+        """The last checkpoint, then the test split with the EMA weights (the best ones with
+        ``keep_best``) and ``on_eval_end``."""
+        self._last_validation()  # with keep_best the last step competes too
         # with keep_best always (a collective under DDP, where only rank 0 knows the best)
-        if self.step != self._checkpointed_step or cfg.keep_best:
+        if self.step != self._checkpointed_step or self.config.keep_best:
             self.save_checkpoint()
-        if self.best is not None:  # evaluate and sample the best weights from here on
-            self.ema_model.load_state_dict(self.best["ema"])
-        result = None
-        if self.test_dataset is not None:
-            result = self.evaluate_detailed(mc_se=cfg.eval_mc_se, max_nfe=cfg.eval_max_nfe)
-            self._record_eval(result, "test")
-        if result is not None and self.is_main:
-            self.logger.scalars("eval", result.means, self.step)
-            self._call_hook("on_eval_end", trainer=self, step=self.step, metrics=result.means)
-        return result
+        return self._final_evaluation()
 
     def _end_hook(self, result: EvalResult | None) -> None:
         """``on_train_end`` once per run that called ``on_train_start``."""
         if self._train_started:
             self._train_started = False
             self._call_hook("on_train_end", trainer=self, step=self.step, result=result)
-
-    @contextlib.contextmanager
-    def _private_rng(self, seed: int) -> Iterator[None]:
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            yield
 
     def _train_loader(self, epoch: int, start_batch: int) -> DataLoader:
         return make_train_loader(
@@ -848,16 +614,6 @@ class Trainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
-
-    def _gather_rng(self) -> list[dict[str, Any]]:
-        mine = ckpt.rng_state()
-        if self.dist.world_size == 1:
-            return [mine]
-        import torch.distributed as dist
-
-        everyone: list[Any] = [None] * self.dist.world_size
-        dist.all_gather_object(everyone, mine)
-        return everyone
 
     def _call_hook(self, name: str, **kwargs: Any) -> None:
         """Call each plugin's implementation of ``name`` on rank 0. One that raises is

@@ -70,7 +70,7 @@ def _log_level_kl(trainer: Any, split: str, step: int, metrics: Mapping[str, flo
 def _first_batches(dataset: Any, limit: int, batch_size: int) -> Iterator[Tensor]:
     """The first ``limit`` examples of ``dataset`` in order, in batches ``(B, *data_shape)``
     (read as the trainer's evaluation reads them: ``__getitems__``, ``(x, label)`` items)."""
-    from genkit.training.trainer import batch_tensor, make_eval_loader
+    from genkit.data import batch_tensor, make_eval_loader
 
     subset = Subset(dataset, range(min(len(dataset), limit)))
     for batch in make_eval_loader(subset, batch_size):
