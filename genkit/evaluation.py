@@ -263,9 +263,11 @@ def evaluate(
             nfe_total = (
                 None if nfe_draw is None or nfe_total is None else nfe_total + nfe_draw / count
             )
-            _, _, mc = acc.stats()
+            means, _, mc = acc.stats()
             enough = acc.draws >= min_draws
-            if enough and not math.isfinite(mc["bits_per_dim"]):
+            if not math.isfinite(means["bits_per_dim"]) or (
+                acc.draws >= 2 and not math.isfinite(mc["bits_per_dim"])
+            ):
                 raise NonFiniteError(
                     f"evaluation: estimator '{_name(est)}' gave non-finite bits/dim on some "
                     "examples; its Monte-Carlo error cannot be estimated"

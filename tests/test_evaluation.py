@@ -454,3 +454,9 @@ def test_a_model_with_only_elbo_is_evaluated_and_non_finite_values_stop_the_draw
 
     with pytest.raises(NonFiniteError, match="non-finite"):
         evaluate(ElboOnly(bad=True), data, mc_se=0.01)
+
+
+def test_one_draw_is_allowed_and_gives_no_mc_se():
+    result = evaluate(ElboOnly(), torch.randn(10, 4), mc_se=None, min_draws=1)
+    assert result.draws == 1 and math.isnan(result.mc_se["bits_per_dim"])
+    assert math.isfinite(result.bits()["mean"])
