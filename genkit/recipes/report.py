@@ -27,6 +27,8 @@ def _num(value: Any, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     if isinstance(value, float):
+        if abs(value) < 0.5 * 10.0**-digits:
+            value = 0.0  # no "-0.0000"
         return f"{value:.{digits}f}"
     return str(value)
 
@@ -138,6 +140,7 @@ def write_report(
     rows = list(rows)
     title = f"{recipe.get('name', 'recipe')}: test bits/dim on {recipe.get('data', '?')}"
     md = markdown(rows, title)
+    curves = f"{recipe.get('name', 'recipe')}: bits/dim on {recipe.get('data', '?')}"
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(columns(rows))
@@ -155,7 +158,7 @@ def write_report(
         ("results.json", json.dumps(document, indent=2) + "\n"),
     ):
         paths.append(write_atomic(out / name, lambda f, t=text: f.write(t.encode()), what="report"))
-    paths.append(plot(out / PLOT, rows, title))
+    paths.append(plot(out / PLOT, rows, curves))
     return paths
 
 
