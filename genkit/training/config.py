@@ -83,6 +83,11 @@ class TrainConfig:
     ema_decay: float = attrs.field(default=0.995, validator=[v.ge(0.0), v.lt(1.0)])
     #: Before this step the EMA simply copies the weights.
     ema_start: int = attrs.field(default=0, validator=v.ge(0))
+    #: Correct the EMA's bias towards the weights it started from, as Adam corrects its
+    #: moments: the EMA is ``sum_j d^(k-j) (1 - d) w_j / (1 - d^k)`` over the ``k`` updates after
+    #: ``ema_start``, the same horizon ``1 / (1 - d)`` with no share of the random initial
+    #: weights (without it ``0.998 ** 333 = 0.51`` of a 333-step run's EMA is its start).
+    ema_debias: bool = True
     # -- hardware ------------------------------------------------------------------------
     precision: str = attrs.field(default="fp32", validator=_choice("fp32", "bf16"))
     device: str = attrs.field(default="auto", validator=_choice("auto", "cpu", "cuda"))

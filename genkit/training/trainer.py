@@ -507,8 +507,18 @@ class Trainer(CheckpointMixin, EvaluationMixin):
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        """``ema <- decay * ema + (1 - decay) * w`` (a copy before ``ema_start``)."""
-        weight = 1.0 if self.step <= self.config.ema_start else 1.0 - self.config.ema_decay
+        """``ema <- c * ema + (1 - c) * w`` (a copy up to ``ema_start``): ``c = d = ema_decay``,
+        or with ``ema_debias``, at the ``k``-th update after ``ema_start``,
+        ``c = d (1 - d^(k-1)) / (1 - d^k)``, which keeps ``ema`` equal to the bias-corrected
+        average ``sum_j d^(k-j) (1 - d) w_j / (1 - d^k)`` of the weights since then."""
+        k = self.step - self.config.ema_start
+        d = self.config.ema_decay
+        if k <= 0:
+            weight = 1.0
+        elif self.config.ema_debias:
+            weight = (1.0 - d) / (1.0 - d**k) if d > 0 else 1.0
+        else:
+            weight = 1.0 - d
         ema, live = self._ema_pairs
         if ema:
             torch._foreach_lerp_(ema, live, weight)

@@ -62,6 +62,44 @@ def test_loss_goes_down_on_a_tiny_dataset(tmp_path):
     )
 
 
+class WeightsAfterEachStep:
+    def __init__(self):
+        self.weights = []
+
+    @genkit.hookimpl
+    def on_step_end(self, trainer, step, metrics):
+        self.weights.append(flat_params(trainer.model).clone())
+
+
+@pytest.mark.parametrize(
+    "debias, start",
+    [(True, 0), (False, 0), (True, 3)],
+    ids=["debiased", "plain", "debiased-after-start"],
+)
+def test_ema_is_the_average_it_claims(images, debias, start):
+    """The EMA against its definition, summed directly over the recorded weights: a copy up to
+    ``ema_start``, then ``sum_j d^(k-j) (1 - d) w_j`` over the k steps after it, divided by
+    ``1 - d^k`` with ``ema_debias`` (plus ``d^k`` times the copy without)."""
+    rec = WeightsAfterEachStep()
+    torch.manual_seed(0)
+    model = TinyModel()
+    expected = flat_params(model).clone()
+    cfg = TrainConfig(
+        steps=8, batch_size=16, log_every=1, eval_every=0, checkpoint_every=0, ema_decay=0.9,
+        ema_debias=debias, ema_start=start,
+    )  # fmt: skip
+    trainer = Trainer(model, cfg, images, catalog=catalog_with(rec), progress=False)
+    trainer.fit()
+    assert len(rec.weights) == 8
+    d, k = 0.9, 8 - start
+    if start:
+        expected = rec.weights[start - 1]
+    since = rec.weights[start:]
+    average = sum(d ** (k - j) * (1 - d) * w for j, w in enumerate(since, start=1))
+    expected = average / (1 - d**k) if debias else average + d**k * expected
+    torch.testing.assert_close(flat_params(trainer.ema_model), expected, rtol=1e-6, atol=1e-7)
+
+
 def test_weights_change_the_objective_but_not_the_logged_elbo(images):
     logged = {}
     for name, extra in {
