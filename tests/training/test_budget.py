@@ -248,8 +248,10 @@ def test_vector_data_are_left_alone(seen):
 
 
 def test_the_two_memory_formats_train_to_the_same_weights():
-    """Not bit for bit (the convolutions sum in other orders), but within float noise, which
-    Adam amplifies to ~1e-6 here, against steps that move the weights by ~1e-2."""
+    """Not bit for bit (the convolutions sum in other orders), but within float noise, against
+    steps that move the weights by ~1e-2. Adam amplifies that noise where a gradient is near
+    zero (its step is ~lr * g / |g|): on AVX2 kernels a few weights in 6,330 differ by ~2e-4
+    after four steps (AVX-512: ~1e-6), so the bound is on nearly all weights and on the worst."""
     data = tiny_images(64, shape=IMAGE)
     cfg = TrainConfig(steps=4, ema_decay=0.5, lr_warmup_steps=0, **QUIET)
     runs = {}
@@ -260,7 +262,9 @@ def test_the_two_memory_formats_train_to_the_same_weights():
     moved = (flat_params(a.model) - flat_params(conv_vae())).abs().max()
     assert moved > 1e-3
     for model_a, model_b in ((a.model, b.model), (a.ema_model, b.ema_model)):
-        torch.testing.assert_close(flat_params(model_a), flat_params(model_b), rtol=1e-3, atol=5e-5)
+        diff = (flat_params(model_a) - flat_params(model_b)).abs()
+        assert float((diff > 5e-5).float().mean()) < 2e-3  # at most a dozen of 6,330 weights
+        assert float(diff.max()) < 0.05 * float(moved)
     assert ra.means["elbo"] == pytest.approx(rb.means["elbo"], rel=1e-5)
 
 
