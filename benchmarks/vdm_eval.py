@@ -4,6 +4,7 @@ all T, and the probability-flow ODE likelihood next to the ELBO of the same mode
 
     python benchmarks/vdm_eval.py --discrete RUN_DIR --continuous RUN_DIR [--target 0.01]
     python benchmarks/vdm_eval.py --train-minutes 3      # trains the two small VDMs first
+        [--target 0.01] [--skip-exact] [--skip-ode] [--batch-size 64] [--repeats 16]
 
 RUN_DIRs are digits runs of ``genkit train``/``genkit run`` (their EMA weights are used), for
 instance ``runs/vdm_digits_table/runs/discrete_fourier`` and ``.../learned_fourier`` of
@@ -18,7 +19,9 @@ For each model it prints, on the whole test split:
 - discrete only: the exact sum over every t (T NFE per example; one draw), and the per-draw
   standard deviation of one call of the one-call estimator (one t, reconstruction sampled
   with the rest) and of genkit 0.1's two-call estimator (reconstruction at every call plus one
-  t), with the one-call one over two draws (so both cost two network calls);
+  t), with the one-call one over two draws (so both cost two network calls); and the same
+  comparison for what a training step sees: the sd of the batch-mean bits/dim of batches of
+  ``--batch-size`` in training mode, where the draws of ``t`` are stratified over the batch;
 - the ODE log-likelihood (``estimator="ode"``, rtol = atol = ``--ode-tol``, Hutchinson
   divergence) on ``--ode-examples`` test images: bits/dim ± se ± mc_se, NFE, seconds, next to
   the ELBO on the same images.
@@ -73,6 +76,41 @@ def subset(dataset, n: int) -> torch.Tensor:
     return torch.stack([batch_tensor(dataset[i]) for i in range(min(n, len(dataset)))])
 
 
+def training_batch_sd(model, dataset, batch_size: int, repeats: int) -> tuple[float, float]:
+    """What a training step sees: the sd of the batch-mean bits/dim of the one-call and of the
+    two-call estimator over ``repeats`` draws on fixed batches of ``batch_size`` test images
+    (pooled over the batches), in training mode, where the uniforms behind ``t`` are stratified
+    over the batch (one shift per call). ``p(t)`` is the model's loss-aware proposal, frozen
+    (no statistics are recorded), on ``1..T`` and on ``2..T`` respectively (a pilot fit where
+    some step has no statistics yet)."""
+    from genkit_vdm.estimators import DenoisingMatchingELBO
+
+    moments = model.loss_moments
+    warm = moments is not None and bool((moments.seen > 0).all())
+    estimators = [
+        DenoisingMatchingELBO(
+            proposal=moments.probabilities(0.01, first).tolist() if warm else "pilot", **extra
+        )
+        for first, extra in ((1, {}), (2, {"reconstruction_every_step": True}))
+    ]
+    x = subset(dataset, len(dataset))
+    batches = x[: len(x) // batch_size * batch_size].split(batch_size)
+    was_training = model.training
+    model.train()
+    variances = [[], []]
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for batch in batches:
+            for i, est in enumerate(estimators):
+                means = torch.stack(
+                    [est(model, batch).bits_per_dim().mean() for _ in range(repeats)]
+                )
+                variances[i].append(means.double().var())
+    model.train(was_training)
+    one, two = (float(torch.stack(v).mean().sqrt()) for v in variances)
+    return one, two
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--discrete", type=Path)
@@ -84,6 +122,9 @@ def main() -> None:
     ap.add_argument("--ode-tol", type=float, default=1e-4)
     ap.add_argument("--draws", type=int, default=8, help="draws for the per-draw sd")
     ap.add_argument("--skip-exact", action="store_true", help="skip the exact sum over T")
+    ap.add_argument("--skip-ode", action="store_true", help="skip the ODE likelihoods")
+    ap.add_argument("--batch-size", type=int, default=64, help="training batch for its sd")
+    ap.add_argument("--repeats", type=int, default=16, help="draws per training batch")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -133,12 +174,22 @@ def main() -> None:
                 f"  per two network calls: one-call estimator over two draws sd {one / math.sqrt(2):.3f}"
                 f" bits/dim, two-call estimator sd {two:.3f} bits/dim"
             )
+            batch_sd = training_batch_sd(model, test, args.batch_size, args.repeats)
+            one, two = batch_sd
+            print(
+                f"  training batches of {args.batch_size} (t stratified over the batch, p(t) of the "
+                f"model's loss statistics), sd of the batch-mean bits/dim over {args.repeats} "
+                f"draws: one call {one:.3f} (two draws: {one / math.sqrt(2):.3f}), "
+                f"two calls {two:.3f}"
+            )
         else:
             torch.manual_seed(1)
             r = evaluate(model, test, params={"t_samples": 1}, mc_se=None, min_draws=args.draws)
             print(
                 line(f"one t per call, {args.draws} draws", r) + f"  sd of one draw {r.draw_sd:.3f}"
             )
+        if args.skip_ode:
+            continue
         x = subset(test, args.ode_examples)
         torch.manual_seed(2)
         elbo = evaluate(model, x, mc_se=args.target / 2, max_nfe=4000)
