@@ -80,33 +80,31 @@ def training_batch_sd(model, dataset, batch_size: int, repeats: int) -> tuple[fl
     """What a training step sees: the sd of the batch-mean bits/dim of the one-call and of the
     two-call estimator over ``repeats`` draws on fixed batches of ``batch_size`` test images
     (pooled over the batches), in training mode, where the uniforms behind ``t`` are stratified
-    over the batch (one shift per call). ``p(t)`` is the model's loss-aware proposal, frozen
-    (no statistics are recorded), on ``1..T`` and on ``2..T`` respectively (a pilot fit where
-    some step has no statistics yet)."""
+    over the batch (one shift per call). ``p(t)`` is the one the model's training estimator
+    would draw from now (its loss-aware proposal, or its warm-up proposal while the statistics
+    are cold), on ``1..T`` and on ``2..T`` respectively, passed as a fixed sequence so that
+    nothing is recorded."""
     from genkit_vdm.estimators import DenoisingMatchingELBO
 
-    moments = model.loss_moments
-    warm = moments is not None and bool((moments.seen > 0).all())
-    estimators = [
-        DenoisingMatchingELBO(
-            proposal=moments.probabilities(0.01, first).tolist() if warm else "pilot", **extra
-        )
-        for first, extra in ((1, {}), (2, {"reconstruction_every_step": True}))
-    ]
     x = subset(dataset, len(dataset))
     batches = x[: len(x) // batch_size * batch_size].split(batch_size)
     was_training = model.training
     model.train()
-    variances = [[], []]
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for batch in batches:
-            for i, est in enumerate(estimators):
-                means = torch.stack(
-                    [est(model, batch).bits_per_dim().mean() for _ in range(repeats)]
-                )
-                variances[i].append(means.double().var())
-    model.train(was_training)
+    try:
+        own = model.estimator()  # the training estimator: its p(t), warm-up included
+        estimators = []
+        for first, extra in ((1, {}), (2, {"reconstruction_every_step": True})):
+            p, _ = own.probabilities(model.timesteps, x.device, model=model, x=x, first=first)
+            estimators.append(DenoisingMatchingELBO(proposal=p.tolist(), **extra))
+        variances = [[], []]
+        torch.manual_seed(4)
+        with torch.no_grad():
+            for batch in batches:
+                for i, est in enumerate(estimators):
+                    draws = [est(model, batch).bits_per_dim().mean() for _ in range(repeats)]
+                    variances[i].append(torch.stack(draws).double().var())
+    finally:
+        model.train(was_training)
     one, two = (float(torch.stack(v).mean().sqrt()) for v in variances)
     return one, two
 

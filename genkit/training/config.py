@@ -81,7 +81,7 @@ class TrainConfig:
     grad_clip: float | None = attrs.field(default=1.0, validator=v.optional(v.ge(0.0)))
     # -- exponential moving average of the weights (used for evaluation and sampling)
     ema_decay: float = attrs.field(default=0.995, validator=[v.ge(0.0), v.lt(1.0)])
-    #: Before this step the EMA simply copies the weights.
+    #: Up to and including this step the EMA simply copies the weights.
     ema_start: int = attrs.field(default=0, validator=v.ge(0))
     #: Correct the EMA's bias towards the weights it started from, as Adam corrects its
     #: moments: the EMA is ``sum_j d^(k-j) (1 - d) w_j / (1 - d^k)`` over the ``k`` updates after
