@@ -176,7 +176,7 @@ def main() -> None:
             one, two = batch_sd
             print(
                 f"  training batches of {args.batch_size} (t stratified over the batch, p(t) of the "
-                f"model's loss statistics), sd of the batch-mean bits/dim over {args.repeats} "
+                f"training estimator), sd of the batch-mean bits/dim over {args.repeats} "
                 f"draws: one call {one:.3f} (two draws: {one / math.sqrt(2):.3f}), "
                 f"two calls {two:.3f}"
             )
