@@ -172,8 +172,7 @@ def main() -> None:
                 f"  per two network calls: one-call estimator over two draws sd {one / math.sqrt(2):.3f}"
                 f" bits/dim, two-call estimator sd {two:.3f} bits/dim"
             )
-            batch_sd = training_batch_sd(model, test, args.batch_size, args.repeats)
-            one, two = batch_sd
+            one, two = training_batch_sd(model, test, args.batch_size, args.repeats)
             print(
                 f"  training batches of {args.batch_size} (t stratified over the batch, p(t) of the "
                 f"training estimator), sd of the batch-mean bits/dim over {args.repeats} "

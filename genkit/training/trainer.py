@@ -516,7 +516,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         if k <= 0:
             weight = 1.0
         elif self.config.ema_debias:
-            weight = (1.0 - d) / (1.0 - d**k) if d > 0 else 1.0
+            weight = (1.0 - d) / (1.0 - d**k)  # k >= 1, so d = 0 gives 1: a copy
         else:
             weight = 1.0 - d
         ema, live = self._ema_pairs
