@@ -256,6 +256,91 @@ class DiscretizedGaussian(Distribution):
             return quantize(self.loc.expand(shape) + self.scale.expand(shape) * noise)
 
 
+class GridGaussian(Distribution):
+    """A Gaussian density ``N(loc, scale^2)`` evaluated at the 256 bin centres and normalised
+    over them: a categorical over ``x_k = k / 127.5 - 1`` with a softmax of the logits::
+
+        P(x_k) = exp(-(x_k - loc)^2 / (2 scale^2)) / sum_j exp(-(x_j - loc)^2 / (2 scale^2))
+
+    It is Kingma et al.'s (2021) VDM decoder ``p(x|z_0) ∝ q(z_0|x)`` with ``loc = z_0 / alpha_0``
+    and ``scale = sigma_0 / alpha_0`` (``q(z_0|x_k)`` is that Gaussian in ``x_k`` up to a
+    constant), the posterior of ``x`` under a uniform prior on the grid. Against
+    :class:`DiscretizedGaussian` (the Gaussian's mass on each bin) it has no open edge bins and
+    puts the mass of a bin's neighbourhood on its centre. Element-wise (``event_shape == ()``);
+    :attr:`logits` gives the whole grid, ``Categorical(logits=...)`` over the bin indices.
+    """
+
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
+        "loc": constraints.real,
+        "scale": constraints.positive,
+    }
+    support = eight_bit
+    has_rsample = False
+    has_enumerate_support = True
+
+    def __init__(self, loc: Tensor, scale: Tensor, validate_args: bool | None = None) -> None:
+        self.loc, self.scale = broadcast_all(loc, scale)
+        super().__init__(self.loc.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(GridGaussian, _instance)
+        new.loc = self.loc.expand(batch_shape)
+        new.scale = self.scale.expand(batch_shape)
+        super(GridGaussian, new).__init__(torch.Size(batch_shape), validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def _grid_energy(self) -> Tensor:
+        """The unnormalised logits ``-(x_k - loc)^2 / (2 scale^2)``, ``(*batch_shape, 256)``."""
+        grid = _bin_centres(self.loc, 0)  # (256,)
+        return -0.5 * ((grid - self.loc.unsqueeze(-1)) / self.scale.unsqueeze(-1)).square()
+
+    @property
+    def logits(self) -> Tensor:
+        """``log P(x_k)`` for ``k = 0..255``, shape ``(*batch_shape, 256)`` (normalised)."""
+        energy = self._grid_energy()
+        return energy - torch.logsumexp(energy, dim=-1, keepdim=True)
+
+    @property
+    def mode(self) -> Tensor:
+        """The bin centre nearest ``loc`` (the largest logit), ``loc`` clamped to [-1, 1]."""
+        return quantize(self.loc)
+
+    @property
+    def mean(self) -> Tensor:
+        return (self.logits.exp() * _bin_centres(self.loc, 0)).sum(-1)
+
+    @property
+    def variance(self) -> Tensor:
+        grid = _bin_centres(self.loc, 0)
+        return (self.logits.exp() * (grid - self.mean.unsqueeze(-1)).square()).sum(-1)
+
+    def enumerate_support(self, expand: bool = True) -> Tensor:
+        """The 256 bin centres, shape ``(256, *batch_shape)`` (or ``(256, 1, ..., 1)``)."""
+        values = _bin_centres(self.loc, len(self.batch_shape))
+        return values.expand((-1, *self.batch_shape)) if expand else values
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """``log P(value) = -(value - loc)^2 / (2 scale^2) - logsumexp_k(-(x_k - loc)^2 /
+        (2 scale^2))`` per element (the normaliser over the 256 centres, computed stably)."""
+        if self._validate_args:
+            _check_eight_bit(value, "the grid Gaussian")
+            self._validate_sample(value)
+        log_norm = torch.logsumexp(self._grid_energy(), dim=-1)
+        return -0.5 * ((value - self.loc) / self.scale).square() - log_norm
+
+    def sample(self, sample_shape=torch.Size(), generator: torch.Generator | None = None) -> Tensor:
+        """Draws from the categorical over the 256 centres (inverse CDF of one uniform each)."""
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            cdf = self.logits.exp().cumsum(-1)  # (*batch_shape, 256)
+            u = torch.rand(shape, generator=generator, device=self.loc.device, dtype=cdf.dtype)
+            cdf = cdf.expand(*shape, NUM_BINS).contiguous()
+            v = (u * cdf[..., -1]).unsqueeze(-1)  # first k with cdf_k > v: P(k) = p_k
+            k = torch.searchsorted(cdf, v, right=True).clamp(max=NUM_BINS - 1)
+            return _centres_of(k.squeeze(-1), self.loc.dtype)
+
+
 class SignedBernoulli(Bernoulli):
     """A Bernoulli over {-1, +1}, the model scale of binarized images (pixel 0 or 255).
 
