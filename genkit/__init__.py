@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from genkit.diffusers_io import from_diffusers
 from genkit.elbo import ELBO, IWAE, ELBOTerms, StandardELBO
 from genkit.errors import (
     CheckpointError,
@@ -16,6 +17,7 @@ from genkit.errors import (
     DataError,
     GenkitError,
     IncompatibleEstimatorError,
+    IncompatibleModelError,
     InvalidParameterError,
     NonFiniteError,
     OutputError,
@@ -49,6 +51,7 @@ __all__ = [
     "Encoder",
     "GenkitError",
     "IncompatibleEstimatorError",
+    "IncompatibleModelError",
     "InvalidParameterError",
     "LatentVariableModel",
     "NonFiniteError",
@@ -64,6 +67,7 @@ __all__ = [
     "available_models",
     "create_estimator",
     "create_model",
+    "from_diffusers",
     "hookimpl",
     "make_plugin_manager",
 ]

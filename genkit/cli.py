@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "sample": "genkit.training.cli:sample",
     "data": "genkit.data.cli:data",
     "run": "genkit.recipes.cli:run",
+    "export": "genkit.cli_export:export",
 }
 
 

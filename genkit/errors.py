@@ -51,3 +51,12 @@ class CheckpointError(GenkitError):
 
 class NonFiniteError(GenkitError, FloatingPointError):
     """Training produced a NaN or infinite loss, ELBO term or gradient."""
+
+
+class IncompatibleModelError(GenkitError, ValueError):
+    """A model from another library (a diffusers pipeline, say) that genkit cannot read as one
+    of its own, or a genkit model that cannot be written in another library's format."""
+
+
+class MissingDependencyError(GenkitError, ImportError):
+    """An optional dependency (an extra such as ``genkit[diffusers]``) that is not installed."""

@@ -75,9 +75,7 @@ def denoising_kl(model: VDM, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     eps = torch.randn_like(x0)
     x_t = q_t.mean + q_t.stddev * eps  # the reparameterised draw, with its eps kept
     pred = model.decoder.predict(x_t, t)
-    kl = kl_divergence(
-        model.encoder.q_posterior(x_t, x0, t), model.decoder.step_from(x_t, t, pred.x0)
-    )
+    kl = kl_divergence(model.encoder.q_posterior(x_t, x0, t), model.decoder.step_from(x_t, t, pred))
     sq_err = reduce((eps - pred.eps).square(), "n ... -> n", "sum")
     return kl, sq_err
 
@@ -91,12 +89,12 @@ def step_losses(model: VDM, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     x_t = q_t.mean + q_t.stddev * eps
     pred = model.decoder.predict(x_t, t)
     first = t == 1
-    nll = -model.decoder.decoder_from(pred.x0).log_prob(x0)
+    nll = -model.decoder.decoder_from(pred).log_prob(x0)
     if model.encoder.timesteps == 1:  # no step t >= 2
         return nll, reduce((eps - pred.eps).square(), "n ... -> n", "sum")
     t_kl = t.clamp(min=2)  # rows with t = 1 compute a KL that the mask drops
     kl = kl_divergence(
-        model.encoder.q_posterior(x_t, x0, t_kl), model.decoder.step_from(x_t, t_kl, pred.x0)
+        model.encoder.q_posterior(x_t, x0, t_kl), model.decoder.step_from(x_t, t_kl, pred)
     )
     sq_err = reduce((eps - pred.eps).square(), "n ... -> n", "sum")
     return torch.where(first, nll, kl), sq_err
@@ -110,7 +108,7 @@ def first_step(model: VDM, x0: Tensor) -> tuple[Tensor, Tensor]:
     eps = torch.randn_like(x0)
     x1 = q_1.mean + q_1.stddev * eps
     pred = model.decoder.predict(x1, model.encoder.steps(1, x0.shape[0]))
-    log_px = model.decoder.decoder_from(pred.x0).log_prob(x0)
+    log_px = model.decoder.decoder_from(pred).log_prob(x0)
     return log_px, reduce((eps - pred.eps).square(), "b ... -> b", "sum")
 
 

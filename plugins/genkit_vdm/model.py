@@ -31,6 +31,7 @@ from typing import Any
 import attrs
 import torch
 from attrs import validators as v
+from einops import rearrange
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 
@@ -46,6 +47,16 @@ from genkit_vdm.schedules import DiscreteSchedule
 from genkit_vdm.unet import MLPDenoiser, UNet
 
 PARAMETERIZATIONS = ("eps", "x0", "v")
+#: ``VDMConfig.decoder``: the continuous model's ``p(x|z_0)`` for 8-bit images.
+DECODERS = ("auto", "softmax", "bin_mass")
+#: The reverse variance ``sigma_t^2`` of ``p(x_{t-1}|x_t)`` (t >= 2) and of the decoder (t = 1):
+#: ``posterior``: beta-tilde_t, decoder beta_1 (genkit's default); ``fixed_small``: beta-tilde_t,
+#: decoder beta-tilde_2 (Ho et al.'s clipped log-variance); ``fixed_large``: beta_t, decoder
+#: beta-tilde_2 (Ho et al., improved-diffusion); ``learned_range``: the net outputs ``2C``
+#: channels, the last ``C`` read as ``v`` in [-1, 1] with ``log sigma_t^2 = f log beta_t +
+#: (1 - f) log beta-tilde_t`` (clipped as ``fixed_small`` at t = 1), ``f = (v + 1) / 2``
+#: (Nichol & Dhariwal 2021).
+VARIANCES = ("posterior", "fixed_small", "fixed_large", "learned_range")
 
 
 def _exponents(value: Any) -> tuple[int, ...] | None:
@@ -81,8 +92,16 @@ class VDMConfig:
     schedule_params: dict[str, Any] = attrs.field(factory=dict)
     #: What the network predicts: ``eps``, ``x0`` or ``v``.
     parameterization: str = attrs.field(default="eps", validator=v.in_(PARAMETERIZATIONS))
-    #: The default denoiser: ``unet`` (images only), ``mlp`` or ``auto`` (by data rank).
-    denoiser: str = attrs.field(default="auto", validator=v.in_(("auto", "unet", "mlp")))
+    #: The default denoiser: ``unet`` (images only), ``mlp``, ``auto`` (by data rank) or
+    #: ``diffusers`` (diffusers' ``UNet2DModel`` built from ``unet``; needs the extra).
+    denoiser: str = attrs.field(
+        default="auto", validator=v.in_(("auto", "unet", "mlp", "diffusers"))
+    )
+    #: ``denoiser="diffusers"``: keyword arguments of ``diffusers.UNet2DModel`` (its config);
+    #: ``sample_size``, ``in_channels`` and ``out_channels`` default to the data's.
+    unet: dict[str, Any] = attrs.field(factory=dict)
+    #: The reverse variance, one of ``VARIANCES`` (discrete time only).
+    variance: str = attrs.field(default="posterior", validator=v.in_(VARIANCES))
     #: U-Net base channels, per-level multipliers, residual blocks per level, attention
     #: at resolutions <= ``attention_resolution`` (0: none), dropout.
     channels: int = attrs.field(default=32, validator=v.ge(1))
@@ -102,6 +121,11 @@ class VDMConfig:
     likelihood: str = attrs.field(
         default="auto", validator=v.in_(("auto", "discretized_gaussian", "gaussian"))
     )
+    #: Continuous time, 8-bit images: the decoder ``p(x|z_0)`` over the 256 values,
+    #: ``softmax`` (Kingma et al.: ``q(z_0|x)`` normalised over the grid,
+    #: :class:`~genkit.distributions.GridGaussian`) or ``bin_mass`` (the Gaussian's mass on each
+    #: bin, :class:`~genkit.distributions.DiscretizedGaussian`); ``auto``: ``softmax``.
+    decoder: str = attrs.field(default="auto", validator=v.in_(DECODERS))
     #: The default estimator (``elbo(x)``): draws of t per example, and how the uniform
     #: numbers behind them are drawn: ``stratified`` (one random shift of an evenly spaced grid
     #: over the batch in training, per example in evaluation) or ``uniform`` (independent).
@@ -177,6 +201,23 @@ def default_denoiser(data_shape: tuple[int, ...], cfg: VDMConfig) -> nn.Module:
         kind = "unet" if len(data_shape) == 3 else "mlp"
     time_scale = 1000.0 if cfg.continuous else 1.0
     fourier = cfg.fourier_exponents(data_shape)
+    if kind == "diffusers":
+        from genkit_vdm.diffusers_unet import diffusers_denoiser
+
+        if cfg.continuous or fourier:
+            raise InvalidParameterError(
+                "model 'vdm': denoiser='diffusers' is for discrete time (timesteps >= 1) "
+                "without Fourier features"
+            )
+        out = 2 if cfg.variance == "learned_range" else 1
+        return diffusers_denoiser(data_shape, cfg.unet, out_factor=out)
+    if cfg.unet:
+        raise InvalidParameterError("model 'vdm': unet={...} needs denoiser='diffusers'")
+    if cfg.variance == "learned_range":
+        raise InvalidParameterError(
+            "model 'vdm': variance='learned_range' needs a net with 2C output channels: "
+            "denoiser='diffusers' or your own net"
+        )
     if fourier and kind != "unet":
         raise InvalidParameterError(
             "model 'vdm': Fourier features (fourier=[...]) are an input option of the U-Net; "
@@ -215,10 +256,12 @@ class _FlatMLP(nn.Module):
 
 @attrs.frozen
 class Prediction:
-    """The network's reading at ``(x_t, t)``: ``x0`` and ``eps`` estimates, shaped like ``x_t``."""
+    """The network's reading at ``(x_t, t)``: ``x0`` and ``eps`` estimates, shaped like ``x_t``;
+    ``var``: with ``variance="learned_range"``, the net's variance output ``v`` in [-1, 1]."""
 
     x0: Tensor
     eps: Tensor
+    var: Tensor | None = None
 
 
 class ReverseProcess(Decoder):
@@ -235,8 +278,14 @@ class ReverseProcess(Decoder):
         encoder: DiscreteForwardProcess,
         parameterization: str,
         likelihood: str,
+        variance: str = "posterior",
     ) -> None:
         super().__init__()
+        if variance not in VARIANCES:
+            raise InvalidParameterError(
+                f"unknown variance '{variance}'; choose from {', '.join(VARIANCES)}"
+            )
+        self.variance = variance
         if parameterization not in PARAMETERIZATIONS:
             raise InvalidParameterError(
                 f"unknown parameterization '{parameterization}'; choose from {', '.join(PARAMETERIZATIONS)}"
@@ -259,9 +308,14 @@ class ReverseProcess(Decoder):
         (default: the encoder's ``signal_noise(t)``); ``net_time``: what the net is given in
         place of ``t`` (the continuous model gives it the noise level, see there)."""
         out = self.net(x_t, t if net_time is None else net_time).to(x_t.dtype)
+        var = None
+        if self.variance == "learned_range" and out.dim() > 1 and out.shape[1] == 2 * x_t.shape[1]:
+            out, var = out.chunk(2, dim=1)
         if out.shape != x_t.shape:
             raise InvalidParameterError(
-                f"the denoiser returned shape {tuple(out.shape)} for x_t of shape {tuple(x_t.shape)}"
+                f"the denoiser returned shape {tuple(out.shape)} for x_t of shape "
+                f"{tuple(x_t.shape)}"
+                + (" (variance='learned_range' needs 2C channels)" if var is None else "")
             )
         signal, noise = signal_noise if signal_noise is not None else self.encoder.signal_noise(t)
         s, r = expand_like(signal, x_t), expand_like(noise, x_t)
@@ -274,18 +328,59 @@ class ReverseProcess(Decoder):
         if clip:
             x0 = x0.clamp(-1.0, 1.0)
             eps = (x_t - s * x0) / r
-        return Prediction(x0, eps)
+        return Prediction(x0, eps, var)
 
-    def step_from(self, x_t: Tensor, t: Tensor, x0_hat: Tensor) -> Distribution:
-        """``p(x_{t-1} | x_t) = N(mu_q(x_t, x0_hat), beta-tilde_t I)`` for ``t`` in 2..T."""
+    def log_variance(self, t: Tensor, like: Tensor, var: Tensor | None = None) -> Tensor:
+        """``log sigma_t^2`` of ``p(x_{t-1}|x_t)`` (``t = 1``: of the decoder) for steps
+        ``t: (B,)`` by ``self.variance``, ``(B, 1, ..)`` or, learned, shaped like ``like``.
+        Fixed: ``log beta-tilde_t`` (small) or ``log beta_t`` (large), at ``t = 1``
+        ``log beta-tilde_2`` (``posterior``: ``log beta_1``); learned: ``f log beta_t +
+        (1 - f) log beta-tilde_t`` (clipped likewise), ``f = (var + 1) / 2``."""
+        enc = self.encoder
+        small = enc.posterior_coefficients(t)[2]  # beta-tilde_t, 0 at t = 1
+        if self.variance == "posterior":
+            return expand_like(torch.where(t == 1, enc.betas[t], small).log(), like)
+        if enc.timesteps < 2:
+            raise InvalidParameterError(
+                f"variance='{self.variance}' needs T >= 2 (its t = 1 variance is beta-tilde_2)"
+            )
+        tilde_2 = enc.posterior_coefficients(torch.full_like(t, 2))[2]
+        log_small = torch.where(t == 1, tilde_2, small).log()
+        if self.variance == "fixed_small":
+            return expand_like(log_small, like)
+        log_large = torch.where(t == 1, tilde_2, enc.betas[t]).log()
+        if self.variance == "fixed_large":
+            return expand_like(log_large, like)
+        if var is None:
+            raise InvalidParameterError("variance='learned_range' needs the net's variance output")
+        frac = (var.double() + 1.0) / 2.0  # mixed in float64, then cast to like's dtype
+        hi, lo = enc.betas[t].log(), log_small  # the upper end is beta_t, also at t = 1
+        pattern = "b -> b" + " 1" * (like.dim() - 1)
+        mixed = frac * rearrange(hi, pattern) + (1.0 - frac) * rearrange(lo, pattern)
+        return mixed.to(like.dtype)
+
+    def step_from(self, x_t: Tensor, t: Tensor, x0_hat: Tensor | Prediction) -> Distribution:
+        """``p(x_{t-1} | x_t) = N(mu_q(x_t, x0_hat), sigma_t^2 I)`` for ``t`` in 2..T, ``sigma_t^2``
+        by :meth:`log_variance` (give the :class:`Prediction` when the variance is learned)."""
+        var = x0_hat.var if isinstance(x0_hat, Prediction) else None
+        x0_hat = x0_hat.x0 if isinstance(x0_hat, Prediction) else x0_hat
         mean = self.encoder.posterior_mean(x_t, x0_hat, t)
-        return diagonal_normal(
-            mean, self.encoder.posterior_std(t, x_t).expand_as(x_t), x_t.dim() - 1
-        )
+        if self.variance == "posterior":
+            std = self.encoder.posterior_std(t, x_t)
+        else:
+            std = (0.5 * self.log_variance(t, x_t, var)).exp()
+        return diagonal_normal(mean, std.expand_as(x_t), x_t.dim() - 1)
 
-    def decoder_from(self, x0_hat: Tensor) -> Distribution:
-        """``p(x_0 | x_1)``: mean ``x0_hat(x_1, 1)``, scale ``sqrt(beta_1)``, over the data dims."""
-        scale = self.encoder.betas[1].sqrt().to(x0_hat.dtype).expand_as(x0_hat)
+    def decoder_from(self, x0_hat: Tensor | Prediction) -> Distribution:
+        """``p(x_0 | x_1)``: mean ``x0_hat(x_1, 1)``, scale ``sigma_1`` (:meth:`log_variance` at
+        ``t = 1``: ``sqrt(beta_1)`` by default), over the data dims."""
+        var = x0_hat.var if isinstance(x0_hat, Prediction) else None
+        x0_hat = x0_hat.x0 if isinstance(x0_hat, Prediction) else x0_hat
+        if self.variance == "posterior":
+            scale = self.encoder.betas[1].sqrt().to(x0_hat.dtype).expand_as(x0_hat)
+        else:
+            one = torch.ones(x0_hat.shape[0], dtype=torch.long, device=x0_hat.device)
+            scale = (0.5 * self.log_variance(one, x0_hat, var)).exp().expand_as(x0_hat)
         event = x0_hat.dim() - 1
         if self.likelihood == "discretized_gaussian":
             return Independent(DiscretizedGaussian(x0_hat, scale), event)
@@ -294,12 +389,12 @@ class ReverseProcess(Decoder):
     def p_step(self, x_t: Tensor, t: Tensor | int) -> Distribution:
         """``p(x_{t-1} | x_t)`` for ``t`` in 2..T."""
         t = self.encoder.steps(t, x_t.shape[0], low=2)
-        return self.step_from(x_t, t, self.predict(x_t, t).x0)
+        return self.step_from(x_t, t, self.predict(x_t, t))
 
     def forward(self, x1: Tensor) -> Distribution:
         """``p(x_0 | x_1)``, the decoder, ``x1: (B, *data_shape)``."""
         t = self.encoder.steps(1, x1.shape[0])
-        return self.decoder_from(self.predict(x1, t).x0)
+        return self.decoder_from(self.predict(x1, t))
 
 
 class VDM(LatentVariableModel):
@@ -333,6 +428,7 @@ class VDM(LatentVariableModel):
             self.encoder,
             cfg.parameterization,
             lik,
+            cfg.variance,
         )
         self.prior = StandardNormalPrior(self.data_shape)
         loss_aware = cfg.t_proposal == "loss_aware"
@@ -466,7 +562,17 @@ def create_vdm(
                 raise InvalidParameterError(
                     f"model 'vdm': {name} applies to discrete time only (timesteps >= 1)"
                 )
+        if cfg.variance != "posterior" or cfg.denoiser == "diffusers":
+            raise InvalidParameterError(
+                "model 'vdm': variance and denoiser='diffusers' apply to discrete time only "
+                "(timesteps >= 1)"
+            )
         return ContinuousVDM(data_shape, cfg, net=net)
+    if cfg.decoder == "softmax":
+        raise InvalidParameterError(
+            "model 'vdm': decoder='softmax' applies to continuous time only (timesteps=0); the "
+            "discrete decoder p(x_0|x_1) is the bin mass around x0_hat"
+        )
     return VDM(data_shape, cfg, net=net)
 
 

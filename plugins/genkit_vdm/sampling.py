@@ -65,7 +65,7 @@ def _last_step(
     """``x_0`` from ``x_t`` (``t = 1``: the decoder ``p(x_0|x_1)``): the mode of, or a draw from,
     the decoder's distribution with mean ``x0_hat(x_t, t)``."""
     pred = model.decoder.predict(x_t, _steps(model, x_t.shape[0], t), clip=clip)
-    dist = model.decoder.decoder_from(pred.x0)
+    dist = model.decoder.decoder_from(pred)
     if final == "sample":
         return draw(dist, (), generator)
     return dist.base_dist.mode
@@ -89,12 +89,11 @@ def ancestral(
     """DDPM's sampler over all ``T`` steps: ``(n, *data_shape)``."""
     _check_final(final)
     x = _noise(model, n, generator)  # x_T
-    enc = model.encoder
-    for t in range(enc.timesteps, 1, -1):
+    for t in range(model.encoder.timesteps, 1, -1):
         tt = _steps(model, n, t)
         pred = model.decoder.predict(x, tt, clip=clip)
-        mean, std = enc.posterior_mean(x, pred.x0, tt), enc.posterior_std(tt, x)
-        x = mean + std * _noise(model, n, generator)
+        step = model.decoder.step_from(x, tt, pred)  # N(mu_q(x_t, x0_hat), sigma_t^2 I)
+        x = step.mean + step.stddev * _noise(model, n, generator)
     return _last_step(model, x, generator, clip, final)
 
 

@@ -105,11 +105,53 @@ def cosine(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Discret
     return DiscreteSchedule(betas, name="cosine")
 
 
+#: diffusers' ``beta_schedule`` names that :func:`diffusers_betas` computes.
+DIFFUSERS_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def diffusers_betas(
+    timesteps: int,
+    beta_schedule: str = "linear",
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    trained_betas: list[float] | None = None,
+) -> DiscreteSchedule:
+    """The betas of a diffusers ``DDPMScheduler`` / ``DDIMScheduler`` config, in float64:
+    ``linear``: ``linspace(beta_start, beta_end, T)``; ``scaled_linear``:
+    ``linspace(sqrt(beta_start), sqrt(beta_end), T)^2``; ``squaredcos_cap_v2``: :func:`cosine`
+    (s = 0.008, max_beta = 0.999); or ``trained_betas`` as given (``T`` of them)."""
+    timesteps = _check_timesteps(timesteps, "diffusers")
+    if trained_betas is not None:
+        betas = torch.as_tensor(trained_betas, dtype=torch.float64).reshape(-1)
+        if betas.numel() != timesteps:
+            raise InvalidParameterError(
+                f"trained_betas has {betas.numel()} values for num_train_timesteps={timesteps}"
+            )
+        return DiscreteSchedule(betas, name="diffusers")
+    if beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, timesteps, dtype=torch.float64) ** 2
+    elif beta_schedule == "squaredcos_cap_v2":
+        betas = cosine(timesteps).betas
+    else:
+        raise InvalidParameterError(
+            f"unknown diffusers beta_schedule '{beta_schedule}'; genkit reads "
+            f"{', '.join(DIFFUSERS_BETA_SCHEDULES)} or explicit trained_betas"
+        )
+    return DiscreteSchedule(betas, name="diffusers")
+
+
 #: The schedules this plugin registers: name -> (factory, description).
 BUILTIN_SCHEDULES = {
     "linear": (linear, "Ho et al. 2020: beta linear from 1e-4 to 0.02 (diffusers 'linear')"),
     "cosine": (
         cosine,
         "Nichol & Dhariwal 2021: s=0.008, beta <= 0.999 (diffusers 'squaredcos_cap_v2')",
+    ),
+    "diffusers": (
+        diffusers_betas,
+        "a diffusers scheduler's betas: beta_schedule linear, scaled_linear, "
+        "squaredcos_cap_v2 (beta_start, beta_end) or trained_betas",
     ),
 }

@@ -84,7 +84,7 @@ def test_the_time_kind_and_the_schedule_kind_must_agree():
 
 
 def test_unknown_schedule_lists_the_registered_ones():
-    with pytest.raises(UnknownNameError, match="cosine, fixed_linear, learned, linear"):
+    with pytest.raises(UnknownNameError, match="cosine, diffusers, fixed_linear, learned, linear"):
         genkit.create_model("vdm", (2,), schedule="cosin")
 
 
