@@ -84,12 +84,17 @@ def structure(cls: type[T], data: Mapping[str, Any], *, where: str) -> T:
 def _message(exc: BaseException) -> str:
     """One line for a failed structure: the key, what it needs and what it got."""
     args = exc.args
-    if len(args) == 4 and isinstance(args[1], attrs.Attribute):  # attrs' in_ validator
-        name, options, value = args[1].name, [str(o) for o in args[2]], args[3]
+    if len(args) == 4 and isinstance(args[1], attrs.Attribute):
+        name, rule, value = args[1].name, args[2], args[3]
+        if isinstance(rule, re.Pattern):  # attrs' matches_re validator
+            return f"'{name}' must match {rule.pattern}, got {value!r}"
+        options = [str(o) for o in rule]  # attrs' in_ validator
         return (
             f"'{name}' must be one of {', '.join(options)}, got {value!r}"
             f"{did_you_mean(str(value), options)}"
         )
+    if isinstance(exc, KeyError) and len(args) == 1 and isinstance(args[0], str):
+        return f"missing key '{args[0]}'"  # cattrs: a required field that is absent
     text = args[0] if args and isinstance(args[0], str) else str(exc)
     notes = getattr(exc, "__notes__", None) or []
     where = re.search(r"@ attribute (\w+)", notes[0]) if notes else None

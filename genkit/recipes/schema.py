@@ -34,6 +34,7 @@ is the reference::
 from __future__ import annotations
 
 import copy
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -86,11 +87,23 @@ class EvalSettings:
     samples: int = attrs.field(default=64, validator=v.ge(0))
 
 
+#: A run's name is a folder's name (``OUT/runs/NAME``): letters, digits, ``_``, ``.``, ``-``.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def _run_name(_instance: Any, _attribute: attrs.Attribute, value: str) -> None:
+    if not RUN_NAME.fullmatch(value):
+        raise ValueError(
+            f"run name {value!r} names a folder: use 1 to 100 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+
+
 @attrs.frozen(kw_only=True)
 class RunSpec:
     """One run: a model plugin with its parameters, and overrides of the shared settings."""
 
-    name: str = attrs.field(validator=v.matches_re(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"))
+    name: str = attrs.field(validator=_run_name)
     model: str
     params: dict[str, Any] = attrs.field(factory=dict)
     objective_weights: dict[str, float] = attrs.field(factory=dict)
@@ -107,7 +120,8 @@ class Recipe:
     name: str
     description: str = ""
     data: str
-    out: str
+    #: the output folder; ``None``: ``genkit run --out`` must give one
+    out: str | None = None
     train: dict[str, Any] = attrs.field(factory=dict)
     budget: Budget
     eval: EvalSettings = attrs.field(factory=EvalSettings)
@@ -146,6 +160,11 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
     """The TOML of ``path`` as a mapping; a missing or malformed file is one :class:`ConfigError`
     line."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"recipe {path} is a folder; give a recipe file, e.g. {path / 'NAME.toml'} "
+            "(recipes/ holds the shipped ones)"
+        )
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist (recipes/ holds the shipped ones)")
     try:
@@ -199,7 +218,7 @@ class _Header:
     name: str
     description: str = ""
     data: str
-    out: str
+    out: str | None = None
     train: dict[str, Any] = attrs.field(factory=dict)
 
 
