@@ -25,7 +25,7 @@ from genkit.data.errors import (
     SourceFormatError,
 )
 from genkit.data.layout import LAYOUT_VERSION, DatasetArrays, SplitArrays, write_h5
-from genkit.data.reader import H5Dataset, RowRange, hold_out, open_dataset
+from genkit.data.reader import H5Dataset, RowRange, check_splits, hold_out, open_dataset
 from genkit.data.sampler import (
     ChunkBatchSampler,
     batch_tensor,
@@ -53,6 +53,7 @@ __all__ = [
     "batch_tensor",
     "builtin_path",
     "cache_root",
+    "check_splits",
     "collate_batch",
     "convert",
     "describe",

@@ -96,14 +96,18 @@ def info_cmd(file: str, cache_dir: Path | None) -> None:
     FILE is an HDF5 file or builtin:NAME (converted into the cache first).
     """
     from genkit.data.builtin import builtin_path
-    from genkit.data.convert import describe
+    from genkit.data.convert import inspect_file
+    from genkit.data.errors import LayoutError
 
     path = (
         builtin_path(file.removeprefix("builtin:"), cache_dir)
         if file.startswith("builtin:")
         else file
     )
-    click.echo(describe(path))
+    text, problems = inspect_file(path)
+    click.echo(text)
+    if problems:
+        raise LayoutError(f"'{path}' cannot be trained on: {'; '.join(problems)}")
 
 
 @data.command("list")

@@ -335,9 +335,24 @@ def _first_key(keys: list[str], names: tuple[str, ...], split: str = "") -> str 
     return None
 
 
+#: The first bytes of a .npy file (NumPy's format) and of a .npz archive (a zip file).
+_NUMPY_MAGIC = {".npy": (b"\x93NUMPY", "NumPy"), ".npz": (b"PK", "zip")}
+
+
 def from_numpy(source: Path, layout: str) -> tuple[dict[str, SplitArrays], dict[str, Any]]:
     """A .npy array or a .npz archive (see the module docstring for the key names)."""
     attrs = {"source": f"numpy:{source.resolve()}"}
+    magic, kind = _NUMPY_MAGIC[source.suffix.lower()]
+    try:
+        with open(source, "rb") as f:
+            head = f.read(len(magic))
+    except OSError as exc:
+        raise SourceFormatError(f"'{source}' cannot be read: {exc.strerror or exc}") from None
+    if head != magic:
+        raise SourceFormatError(
+            f"'{source}' is not a NumPy {source.suffix} file (it does not start with the "
+            f"{kind} signature); write it with {'numpy.save' if kind == 'NumPy' else 'numpy.savez'}"
+        )
     try:
         loaded = np.load(source, allow_pickle=False)
     except (ValueError, OSError, EOFError, zlib.error, zipfile.BadZipFile) as exc:
@@ -575,13 +590,23 @@ def convert(
 
 
 def describe(path: str | Path) -> str:
-    """A human-readable summary: splits, shapes, dtypes, value ranges, labels, attributes."""
+    """A human-readable summary: splits, shapes, dtypes, value ranges, labels, attributes,
+    and a ``problems:`` section when the file breaks the layout (:func:`inspect_file`)."""
+    text, problems = inspect_file(path)
+    if problems:
+        text += "\nproblems:\n" + "\n".join(f"  {p}" for p in problems)
+    return text
+
+
+def inspect_file(path: str | Path) -> tuple[str, list[str]]:
+    """:func:`describe`'s summary, and the problems that make the file unusable for training:
+    splits whose items differ in shape or dtype, NaN or infinite values."""
     with corrupt_file_errors(path):
         return _describe(path)
 
 
-def _describe(path: str | Path) -> str:
-    lines = [f"{path}"]
+def _describe(path: str | Path) -> tuple[str, list[str]]:
+    lines, problems, items = [f"{path}"], [], {}
     with open_h5(path) as f:
         lines.append("attributes:")
         for key in sorted(f.attrs):
@@ -594,7 +619,10 @@ def _describe(path: str | Path) -> str:
             )
         for split in splits:
             values, labels = describe_split(f, split, path)
-            lo, hi = _range(values)
+            lo, hi, bad = _range(values)
+            if bad:
+                problems.append(f"split '{split}': {bad} NaN or infinite value(s)")
+            items[split] = (tuple(values.shape[1:]), values.dtype)
             chunks = values.chunks[0] if values.chunks else "contiguous"
             lines.append(f"{split}:")
             lines.append(
@@ -614,16 +642,30 @@ def _describe(path: str | Path) -> str:
                 lines.append(
                     f"  labels: shape {tuple(labels.shape)} {labels.dtype}, counts {shown}{more}"
                 )
-    return "\n".join(lines)
+    first, *others = items
+    for split in others:
+        if items[split] != items[first]:
+            (shape, dtype), (shape0, dtype0) = items[split], items[first]
+            problems.append(
+                f"split '{split}' holds items of shape {shape} {dtype}, split '{first}' of "
+                f"{shape0} {dtype0}: every split must hold one shape and dtype"
+            )
+    return "\n".join(lines), problems
 
 
-def _range(values: Any) -> tuple[float, float]:
-    lo, hi = np.inf, -np.inf
+def _range(values: Any) -> tuple[float, float, int]:
+    """The smallest and largest finite value of ``values``, and how many are not finite."""
+    lo, hi, bad = np.inf, -np.inf, 0
     step = max(1, (64 * 2**20) // max(1, int(np.prod(values.shape[1:])) * values.dtype.itemsize))
     for start in range(0, values.shape[0], step):
         block = values[start : start + step]
-        lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
-    return lo, hi
+        if block.dtype.kind == "f":
+            finite = np.isfinite(block)
+            bad += int(block.size - finite.sum())
+            block = block[finite]
+        if block.size:
+            lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+    return lo, hi, bad
 
 
 def _fmt(v: float) -> str:

@@ -346,6 +346,28 @@ def hold_out(dataset: Any, fraction: float) -> tuple[Any, Any]:
     return RowRange(dataset, 0, n - held), RowRange(dataset, n - held, n)
 
 
+def check_splits(*datasets: H5Dataset | None) -> None:
+    """Every split given holds items of one kind, shape and dtype (``None``s are skipped);
+    otherwise one :class:`LayoutError` line naming the file and both splits."""
+    present = [d for d in datasets if d is not None]
+    for other in present[1:]:
+        first = present[0]
+        if (first.kind, first.data_shape, first.dtype) != (
+            other.kind,
+            other.data_shape,
+            other.dtype,
+        ):
+            raise LayoutError(
+                f"'{other.path}': split '{other.split}' holds {_items(other)} but split "
+                f"'{first.split}' holds {_items(first)}; every split must hold items of one "
+                "shape and dtype"
+            )
+
+
+def _items(ds: H5Dataset) -> str:
+    return f"{ds.kind} of shape {ds.data_shape} {ds.dtype}"
+
+
 def open_dataset(
     spec: str | Path,
     split: str = "train",

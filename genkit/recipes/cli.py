@@ -24,6 +24,12 @@ from genkit.training.cli import CACHE_DIR
     help="Override a recipe key: train.lr=1e-3, budget.minutes=0.5, runs.vae.params.latent_dim=8.",
 )
 @click.option("--only", multiple=True, metavar="RUN", help="Run only these runs (repeatable).")
+@click.option(
+    "--rerun-changed",
+    is_flag=True,
+    help="Train again the runs whose folder was made by other settings or data (their old "
+    "files move to OUT/replaced/); without it such a run is an error.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress output; the results still print.")
 @CACHE_DIR
 def run(
@@ -31,6 +37,7 @@ def run(
     out: Path | None,
     sets: tuple[str, ...],
     only: tuple[str, ...],
+    rerun_changed: bool,
     quiet: bool,
     cache_dir: Path | None,
 ) -> None:
@@ -38,34 +45,59 @@ def run(
     vs. training time plot and a sample grid per run into the output folder.
 
     Everything in the recipe is checked before anything trains. Running it again skips
-    finished runs and resumes an interrupted one.
+    finished runs and resumes an interrupted one, when the run folder was made by the same
+    settings, data and genkit version; one process writes to an output folder at a time.
 
     \b
     genkit run recipes/compare_vae_vdm.toml
     genkit run recipes/compare_vae_vdm.toml --only vdm_continuous --set budget.minutes=5
     """
+    from genkit.data.identity import data_identity
+    from genkit.data.reader import check_splits
+    from genkit.errors import ConfigError
+    from genkit.files import output_lock
     from genkit.recipes.report import plain, write_report
-    from genkit.recipes.runner import finished_rows, prepare, run_one
+    from genkit.recipes.runner import finished_rows, plan, prepare, run_one
     from genkit.recipes.schema import load_recipe
     from genkit.training.cli import open_split
 
     began = time.perf_counter()
     recipe = load_recipe(recipe_path, sets)
+    if out is None and recipe.out is None:
+        raise ConfigError(
+            f'{recipe.source} names no output folder: add out = "runs/{recipe.name}" to it, '
+            "or pass --out DIR"
+        )
     out = Path(out if out is not None else recipe.out)
     train_ds = open_split(recipe.data, "train", cache_dir=cache_dir)
     test_ds = open_split(recipe.data, "test", cache_dir=cache_dir)
-    prepared = prepare(recipe, train_ds, test_ds, list(only) or None)
+    check_splits(train_ds, test_ds)
+    data = data_identity(recipe.data, cache_dir)
+    prepared = prepare(recipe, train_ds, test_ds, list(only) or None, data)
     echo = (lambda _text: None) if quiet else (lambda text: click.echo(text, err=True))
-    echo(f"{recipe.name}: {len(prepared)} runs on {recipe.data}, output in {out}")
-    for item in prepared:
-        row = run_one(recipe, item, out, train_ds, test_ds, quiet=quiet, echo=echo)
-        if row is None:
-            click.echo(f"{item.spec.name} stopped by a signal; run the recipe again to resume")
-            return
-    rows = finished_rows(recipe, out)  # every finished run of the recipe, --only or not
-    seconds = time.perf_counter() - began
-    info = {k: v for k, v in attrs.asdict(recipe).items() if k not in ("runs", "source")}
-    info["source"] = recipe.source
-    paths = write_report(out, rows, info, seconds)
+    with output_lock(out, "genkit run"):
+        actions = plan(prepared, out, rerun_changed)
+        echo(f"{recipe.name}: {len(prepared)} runs on {recipe.data}, output in {out}")
+        for item in prepared:
+            row = run_one(
+                recipe,
+                item,
+                out,
+                train_ds,
+                test_ds,
+                action=actions[item.spec.name],
+                quiet=quiet,
+                echo=echo,
+            )
+            if row is None:
+                click.echo(f"{item.spec.name} stopped by a signal; run the recipe again to resume")
+                return
+        # every finished run of the recipe, --only or not, made by its present settings
+        rows = finished_rows(recipe, out, data, echo)
+        seconds = time.perf_counter() - began
+        info = {k: v for k, v in attrs.asdict(recipe).items() if k not in ("runs", "source")}
+        info["source"] = recipe.source
+        info["data_identity"] = data
+        paths = write_report(out, rows, info, seconds)
     click.echo(plain(rows))
     click.echo(f"{len(rows)} runs in {seconds:.0f} s; report: {', '.join(str(p) for p in paths)}")

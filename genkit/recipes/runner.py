@@ -7,13 +7,17 @@ Layout of the output folder::
     OUT/samples/NAME.png     each run's sample grid
     OUT/results.{md,csv,json}, OUT/bits_per_dim_vs_time.png     (genkit.recipes.report)
 
-A run with ``result.json`` is finished and skipped when the recipe runs again; one with
-checkpoints but no result resumes from the latest (exactly: see the trainer); others start.
+Each run folder records what made it (:mod:`genkit.provenance`: the run's resolved recipe
+entry, the data's identity, the genkit version). When the recipe runs again, a run with
+``result.json`` made by the same is skipped, one with checkpoints but no result resumes from
+the latest (exactly: see the trainer); a run made by anything else is an error, or with
+``--rerun-changed`` moved to ``OUT/replaced/`` and trained again (:func:`plan`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +26,7 @@ from typing import Any
 import attrs
 import torch
 
+from genkit import provenance
 from genkit.elbo import LN2
 from genkit.errors import ConfigError, GenkitError
 from genkit.recipes.schema import Budget, EvalSettings, Recipe, RunSpec
@@ -49,13 +54,15 @@ OWNED_ELSEWHERE = {
 
 @attrs.frozen
 class PreparedRun:
-    """A run whose every setting has been checked: its train config and evaluation."""
+    """A run whose every setting has been checked: its train config and evaluation, and the
+    record of what makes it (:mod:`genkit.provenance`)."""
 
     spec: RunSpec
     config: TrainConfig
     budget: Budget
     eval: EvalSettings
     decoder: str
+    made_by: dict[str, Any]
 
 
 def _where(recipe: Recipe, spec: RunSpec | None = None) -> str:
@@ -84,14 +91,64 @@ def describe_decoder(model: torch.nn.Module) -> str:
     return "?"
 
 
+def resolve(recipe: Recipe, spec: RunSpec) -> tuple[Budget, EvalSettings, TrainConfig]:
+    """The budget, evaluation settings and merged train config of the run ``spec``: the
+    recipe's tables with the run's overrides. A bad one is a :class:`GenkitError`."""
+    budget, settings = recipe.budget_for(spec), recipe.eval_for(spec)
+    shared = {**recipe.train, **spec.train}
+    owned = sorted(set(shared) & set(OWNED_ELSEWHERE))
+    if owned:
+        raise ConfigError(
+            f"train key '{owned[0]}' is set by the recipe's {OWNED_ELSEWHERE[owned[0]]}; "
+            "set it there"
+        )
+    fields = {
+        **shared,
+        **budget.train_fields(),
+        "objective_weights": {
+            **shared.get("objective_weights", {}),
+            **spec.objective_weights,
+        },
+        "eval_estimator": settings.estimator,
+        "eval_estimator_params": dict(settings.params),
+        "eval_mc_se": settings.mc_se,
+        "eval_max_nfe": settings.max_nfe,
+        "eval_batch_size": settings.batch_size,
+        "eval_batches": settings.curve_batches,
+        "eval_points": settings.points or None,
+        "eval_every": 0,
+        "num_samples": settings.samples,
+        "sample_params": {**shared.get("sample_params", {}), **spec.sample_params},
+    }
+    return budget, settings, make_config(fields, where="train settings")
+
+
+def record(recipe: Recipe, spec: RunSpec, data: dict[str, Any]) -> dict[str, Any]:
+    """What makes the run ``spec`` of ``recipe`` on the data identified by ``data``: its
+    resolved recipe entry (model, parameters, objective weights, train config, budget,
+    evaluation, sampling) and the data's identity and genkit's version."""
+    budget, settings, config = resolve(recipe, spec)
+    entry = {
+        "model": spec.model,
+        "params": spec.params,
+        "objective_weights": spec.objective_weights,
+        "train": config_dict(config),
+        "budget": attrs.asdict(budget),
+        "eval": attrs.asdict(settings),
+        "sample_params": spec.sample_params,
+    }
+    return provenance.made_by(entry, data)
+
+
 def prepare(
-    recipe: Recipe, train_ds: Any, test_ds: Any, only: list[str] | None
+    recipe: Recipe, train_ds: Any, test_ds: Any, only: list[str] | None, data: dict[str, Any]
 ) -> list[PreparedRun]:
     """Check every run of ``recipe`` (those in ``only``, if given) before any training: the
     model and its parameters (built once and run on two training examples), the merged train
     config, the objective weights (against the terms the model returns), the evaluation
     estimator and the sampling parameters. The first problem is one
-    :class:`~genkit.errors.GenkitError` line naming the recipe and the run."""
+    :class:`~genkit.errors.GenkitError` line naming the recipe and the run. ``data`` is the
+    identity of the recipe's data (:func:`genkit.data.identity.data_identity`)."""
     from genkit.data import batch_tensor
     from genkit.model import check_sample_params
     from genkit.registry import create_model
@@ -103,33 +160,7 @@ def prepare(
     for spec in specs:
         where = _where(recipe, spec)
         try:
-            budget, settings = recipe.budget_for(spec), recipe.eval_for(spec)
-            shared = {**recipe.train, **spec.train}
-            owned = sorted(set(shared) & set(OWNED_ELSEWHERE))
-            if owned:
-                raise ConfigError(
-                    f"train key '{owned[0]}' is set by the recipe's {OWNED_ELSEWHERE[owned[0]]}; "
-                    "set it there"
-                )
-            fields = {
-                **shared,
-                **budget.train_fields(),
-                "objective_weights": {
-                    **shared.get("objective_weights", {}),
-                    **spec.objective_weights,
-                },
-                "eval_estimator": settings.estimator,
-                "eval_estimator_params": dict(settings.params),
-                "eval_mc_se": settings.mc_se,
-                "eval_max_nfe": settings.max_nfe,
-                "eval_batch_size": settings.batch_size,
-                "eval_batches": settings.curve_batches,
-                "eval_points": settings.points or None,
-                "eval_every": 0,
-                "num_samples": settings.samples,
-                "sample_params": {**shared.get("sample_params", {}), **spec.sample_params},
-            }
-            config = make_config(fields, where="train settings")
+            budget, settings, config = resolve(recipe, spec)
             torch.manual_seed(config.seed)
             model = create_model(spec.model, shape, **spec.params)
             check_sample_params(model, config.sample_params, spec.model)
@@ -147,8 +178,91 @@ def prepare(
             decoder = describe_decoder(model)
         except GenkitError as exc:
             raise _reraise(exc, where) from None
-        prepared.append(PreparedRun(spec, config, budget, settings, decoder))
+        made = record(recipe, spec, data)
+        prepared.append(PreparedRun(spec, config, budget, settings, decoder, made))
     return prepared
+
+
+#: What :func:`plan` decides for a run.
+TRAIN, RESUME, SKIP, REPLACE = "train", "resume", "skip", "replace"
+
+
+def run_dir_of(out: Path, name: str) -> Path:
+    return Path(out) / "runs" / name
+
+
+def recorded(run_dir: Path) -> dict[str, Any] | None:
+    """The ``made_by`` record of ``run_dir`` (``None``: none), from its ``config.json``."""
+    path = run_dir / "config.json"
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"{path} is not a readable run config ({exc}); move {run_dir} aside to run it again"
+        ) from None
+    made = info.get(provenance.KEY) if isinstance(info, dict) else None
+    return made if isinstance(made, dict) else None
+
+
+def _holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds anything of a run (hidden files, such as a lock or a killed
+    write's temporary file, are nothing)."""
+    if not run_dir.is_dir():
+        return False
+    return any(not p.name.startswith(".") for p in run_dir.iterdir())
+
+
+def plan(prepared: list[PreparedRun], out: Path, rerun_changed: bool) -> dict[str, str]:
+    """What to do with each run, decided before anything trains or is written: ``train`` (a
+    new run), ``resume`` (an interrupted run of the same settings and data), ``skip`` (a
+    finished one) or ``replace`` (made by other settings or data; only with
+    ``rerun_changed``, else one :class:`ConfigError` line that lists what changed)."""
+    actions, changed = {}, []
+    for run in prepared:
+        run_dir = run_dir_of(out, run.spec.name)
+        if not _holds_run(run_dir):
+            actions[run.spec.name] = TRAIN
+            continue
+        differences = provenance.changes(recorded(run_dir), run.made_by)
+        if differences:
+            actions[run.spec.name] = REPLACE
+            changed.append(f"'{run.spec.name}' ({provenance.summary(differences)})")
+        elif (run_dir / "result.json").is_file():
+            actions[run.spec.name] = SKIP
+        else:
+            actions[run.spec.name] = RESUME if _has_checkpoint(run_dir) else TRAIN
+    if changed and not rerun_changed:
+        raise ConfigError(
+            f"{out}: {len(changed)} run(s) were made by other settings or data: "
+            f"{'; '.join(changed)}. Run with --rerun-changed to train them again (their "
+            f"files move to {Path(out) / 'replaced'}), or use another --out"
+        )
+    return actions
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    from genkit.training import checkpoint as ckpt
+
+    return ckpt.latest_checkpoint(run_dir) is not None
+
+
+def move_aside(out: Path, name: str) -> Path:
+    """Move the run ``name``'s folder and sample grid to ``OUT/replaced/NAME-TIME/``, so that
+    nothing of it mixes with the run that replaces it; returns where they went."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = Path(out) / "replaced" / f"{name}-{stamp}"
+    n = 1
+    while target.exists():
+        n += 1
+        target = Path(out) / "replaced" / f"{name}-{stamp}-{n}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(run_dir_of(out, name), target)
+    grid = Path(out) / "samples" / f"{name}.png"
+    if grid.is_file():
+        os.replace(grid, target / "samples.png")
+    return target
 
 
 def run_one(
@@ -158,23 +272,27 @@ def run_one(
     train_ds: Any,
     test_ds: Any,
     *,
+    action: str,
     quiet: bool,
     echo: Callable[[str], None],
 ) -> dict[str, Any] | None:
-    """Train, evaluate and sample one run; its report row (also written to
-    ``runs/NAME/result.json``), or ``None`` if a signal stopped it (after its checkpoint)."""
+    """Train, evaluate and sample one run as :func:`plan` decided (``action``); its report
+    row (also written to ``runs/NAME/result.json``), or ``None`` if a signal stopped it (after
+    its checkpoint)."""
     from genkit.registry import create_model
     from genkit.training import checkpoint as ckpt
     from genkit.training.logging import image_grid, save_png
     from genkit.training.trainer import Trainer
 
     spec = run.spec
-    run_dir = out / "runs" / spec.name
+    run_dir = run_dir_of(out, spec.name)
     result_path = run_dir / "result.json"
-    if result_path.is_file():
-        echo(f"{spec.name}: finished before, skipped ({result_path})")
+    if action == SKIP:
+        echo(f"{spec.name}: finished before, skipped (same settings and data: {result_path})")
         return read_result(result_path)
-    resume = ckpt.latest_checkpoint(run_dir) is not None
+    if action == REPLACE:
+        echo(f"{spec.name}: made by other settings or data; moved to {move_aside(out, spec.name)}")
+    resume = action == RESUME
     echo(f"{spec.name}: {'resuming' if resume else 'training'} {spec.model} ({_budget(run)})")
     torch.manual_seed(run.config.seed)
     model = create_model(spec.model, tuple(train_ds.data_shape), **spec.params)
@@ -182,6 +300,7 @@ def run_one(
         "model": {"name": spec.model, "params": spec.params},
         "data": recipe.data,
         "recipe": {"name": recipe.name, "source": recipe.source, "run": spec.name},
+        provenance.KEY: run.made_by,
     }
     trainer = Trainer(
         model, run.config, train_ds, test_ds, run_dir, run_info=info, progress=not quiet
@@ -225,6 +344,7 @@ def run_one(
         "sample_grid": str(grid) if grid is not None else None,
         "curve": trainer.eval_history,
         "train_config": config_dict(run.config),
+        provenance.KEY: run.made_by,
     }
     text = json.dumps(row, indent=2, default=_json_default) + "\n"
     ckpt.write_atomic(result_path, lambda f: f.write(text.encode()), what="run result")
@@ -245,13 +365,26 @@ def read_result(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def finished_rows(recipe: Recipe, out: Path) -> list[dict[str, Any]]:
-    """The report rows of every finished run of ``recipe`` in ``out``, in the recipe's order."""
+def finished_rows(
+    recipe: Recipe, out: Path, data: dict[str, Any], echo: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """The report rows of every finished run of ``recipe`` in ``out``, in the recipe's order:
+    those made by the recipe's settings on the data identified by ``data``. A result made by
+    other settings (a run left out by ``--only``) is left out of the report, with a line."""
     rows = []
     for spec in recipe.runs:
-        path = out / "runs" / spec.name / "result.json"
-        if path.is_file():
-            rows.append(read_result(path))
+        path = run_dir_of(out, spec.name) / "result.json"
+        if not path.is_file():
+            continue
+        row = read_result(path)
+        differences = provenance.changes(row.get(provenance.KEY), record(recipe, spec, data))
+        if differences:
+            echo(
+                f"{spec.name}: its result in {path} was made by other settings or data "
+                f"({provenance.summary(differences, 2)}); left out of the report"
+            )
+            continue
+        rows.append(row)
     return rows
 
 

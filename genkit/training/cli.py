@@ -8,17 +8,22 @@ only the dir.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
 
+from genkit import provenance
+from genkit.data.identity import data_identity
+from genkit.data.reader import check_splits
 from genkit.errors import CheckpointError, ConfigError, DataError
+from genkit.files import output_lock
 from genkit.training import checkpoint as ckpt
 from genkit.training import distributed
-from genkit.training.config import apply_overrides, make_config, parse_pairs
-from genkit.training.logging import format_result, image_grid, save_png
+from genkit.training.config import apply_overrides, config_dict, make_config, parse_pairs
+from genkit.training.logging import format_result, image_format, image_grid, save_image
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
@@ -51,6 +56,33 @@ def open_split(spec: str, split: str, required: bool = True, cache_dir: Path | N
             raise
         click.echo(f"warning: no '{split}' split in {spec} ({exc}); skipping evaluation", err=True)
         return None
+
+
+def open_run_data(
+    info: dict[str, Any], data: str | None, split: str, cache_dir: Path | None
+) -> Any:
+    """The split ``split`` of the data a run was trained on (``info``: its ``config.json``), or
+    of ``data`` when given, which is said on stderr. Data that changed since the run was
+    trained is a :class:`ConfigError` that names the change and ``--data``."""
+    recorded = info.get("data")
+    if data is not None:
+        spec = data_spec(data)
+        if spec != recorded:
+            click.echo(f"evaluating on {spec} (--data), not the run's data {recorded}", err=True)
+        return open_split(spec, split, cache_dir=cache_dir)
+    if recorded is None:
+        raise ConfigError("the run's config.json names no data; pass --data FILE.h5|builtin:NAME")
+    dataset = open_split(recorded, split, cache_dir=cache_dir)
+    made = info.get(provenance.KEY)
+    if made:
+        changed = provenance.data_changes(made, {"data": data_identity(recorded, cache_dir)})
+        if changed:
+            raise ConfigError(
+                f"the run's data {recorded} changed since it was trained "
+                f"({provenance.summary(changed)}); pass --data {recorded} to evaluate on it as it "
+                "is now"
+            )
+    return dataset
 
 
 #: ``--cache-dir``, as ``genkit data info`` has it: where ``builtin:NAME`` is converted to HDF5.
@@ -99,6 +131,7 @@ def train(
 
     train_cfg: dict[str, Any] = {}
     model_params: dict[str, Any] = {}
+    saved: dict[str, Any] = {}
     if resume:
         saved = read_run_config(run_dir)
         for flag, given, stored in (
@@ -121,18 +154,30 @@ def train(
     try:
         train_ds = open_split(spec, "train", cache_dir=cache_dir)
         test_ds = open_split(spec, "test", required=False, cache_dir=cache_dir)
+        check_splits(train_ds, test_ds)
+        made = provenance.made_by(
+            {"model": model_name, "params": model_params, "train": config_dict(config)},
+            data_identity(spec, cache_dir),
+        )
+        if resume:  # before anything is written: the run continues on the data it began on
+            changed = provenance.data_changes(saved.get(provenance.KEY), made)
+            if changed:
+                raise ConfigError(
+                    f"--resume: the data of {run_dir} changed since it was trained "
+                    f"({provenance.summary(changed)}); resume on the same data, or train a new run"
+                )
         torch.manual_seed(config.seed)  # the same initial weights on every rank and run
         model = create_model(model_name, tuple(train_ds.data_shape), **model_params)
-        trainer = Trainer(
-            model,
-            config,
-            train_ds,
-            test_ds,
-            run_dir,
-            run_info={"model": {"name": model_name, "params": model_params}, "data": spec},
-            progress=not quiet,
-        )
-        result = trainer.fit(resume=resume)
+        run_info = {
+            "model": {"name": model_name, "params": model_params},
+            "data": spec,
+            provenance.KEY: made,
+        }
+        with output_lock(run_dir, "genkit train") if info.is_main else nullcontext():
+            trainer = Trainer(
+                model, config, train_ds, test_ds, run_dir, run_info=run_info, progress=not quiet
+            )
+            result = trainer.fit(resume=resume)
         if result is not None and info.is_main and not quiet:
             click.echo(
                 format_result(
@@ -158,10 +203,22 @@ def load_run(
     from genkit.registry import create_model
 
     info = read_run_config(run_dir)
-    path = Path(checkpoint) if checkpoint is not None else ckpt.latest_checkpoint(run_dir)
+    older: list[Path] = []
+    if checkpoint is not None:
+        path = Path(checkpoint)
+    else:
+        *older, path = ckpt.list_checkpoints(run_dir) or [None]
     if path is None:
         raise CheckpointError(f"no checkpoint in {ckpt.checkpoint_dir(run_dir)}")
-    state = ckpt.load(path)
+    try:
+        state = ckpt.load(path)
+    except CheckpointError as exc:
+        if not older:
+            raise
+        raise CheckpointError(
+            f"{exc}; older checkpoints: {', '.join(p.name for p in reversed(older))} "
+            f"(pass --checkpoint {older[-1]} to use the newest of them)"
+        ) from None
     model = create_model(
         info["model"]["name"], tuple(info["data_shape"]), **info["model"].get("params", {})
     )
@@ -205,6 +262,12 @@ def channels_last(info: dict[str, Any], model: torch.nn.Module) -> bool:
     help="Network evaluations per example at most (0: no limit).",
 )
 @click.option("--split", default="test", show_default=True)
+@click.option(
+    "--data",
+    metavar="FILE.h5|builtin:NAME",
+    help="Evaluate on this data instead of the data the run was trained on (said so in the "
+    "output).",
+)
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Default: the latest.")
 @click.option("--no-ema", is_flag=True, help="Evaluate the raw weights instead of the EMA.")
@@ -213,6 +276,18 @@ def channels_last(info: dict[str, Any], model: torch.nn.Module) -> bool:
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the result.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @CACHE_DIR
+@click.option(
+    "--metrics",
+    default=None,
+    metavar="fid,kid,precision,recall",
+    help="Sample-quality metrics against the test split, with their floor (docs/metrics.md).",
+)
+@click.option("--samples", default=1000, show_default=True, type=click.IntRange(min=4))
+@click.option("--features", default="classifier", show_default=True, help="Feature extractor.")
+@click.option("--feature-param", "feature_params", multiple=True, metavar="KEY=VALUE")
+@click.option(
+    "--sample-param", "sample_params", multiple=True, metavar="KEY=VALUE", help="sample() keyword."
+)
 def eval_(
     run_dir: Path,
     estimator: str | None,
@@ -220,6 +295,7 @@ def eval_(
     mc_se: float,
     max_nfe: float,
     split: str,
+    data: str | None,
     batch_size: int,
     checkpoint: Path | None,
     no_ema: bool,
@@ -228,6 +304,11 @@ def eval_(
     json_out: Path | None,
     device: str,
     cache_dir: Path | None,
+    metrics: str | None,
+    samples: int,
+    features: str,
+    feature_params: tuple[str, ...],
+    sample_params: tuple[str, ...],
 ) -> None:
     """Test bits/dim and every ELBO term with se (over the examples) and mc_se (Monte Carlo),
     drawing until mc_se <= --mc-se or --max-nfe network evaluations per example are spent.
@@ -237,21 +318,41 @@ def eval_(
     genkit eval runs/vae --estimator iwae --param k=64 --json iwae.json
     genkit eval runs/vdm --mc-se 0.005 --max-nfe 400
     genkit eval runs/vdm --estimator ode --param rtol=1e-4
+    genkit eval runs/vdm --metrics fid,kid --samples 1000 --sample-param steps=50
+    genkit eval diffusers:PIPELINE_DIR --data cifar10.h5 --json ddpm.json
     """
     from genkit.evaluation import evaluate
+    from genkit.features import eval_sample_metrics, format_sample_metrics, parse_metric_flags
 
     for flag, value in (("--mc-se", mc_se), ("--max-nfe", max_nfe)):
         if not value >= 0:
             raise ConfigError(f"{flag} must be a number >= 0 (0: none), got {value}")
-    model, info, path = load_run(
-        run_dir, checkpoint=checkpoint, use_ema=not no_ema, device=device, last=last
-    )
+    feature_kw = dict(parse_pairs(feature_params, option="--feature-param"))
+    sample_kw = dict(parse_pairs(sample_params, option="--sample-param"))
+    metric_names = parse_metric_flags(metrics, features, feature_kw, sample_kw)
+    if str(run_dir).startswith("diffusers:"):  # a diffusers pipeline folder (docs/diffusers.md)
+        from genkit.diffusers_io import load_for_eval
+
+        model, info, path = load_for_eval(str(run_dir), data and data_spec(data), device)
+    else:
+        model, info, path = load_run(
+            run_dir, checkpoint=checkpoint, use_ema=not no_ema, device=device, last=last
+        )
     estimator_params = dict(parse_pairs(params, option="--param"))
+    if metric_names is not None:
+        from genkit.model import check_sample_params
+
+        check_sample_params(model, sample_kw, info["model"]["name"], "--sample-param")
     if estimator is None:
         estimator = info["train"].get("eval_estimator")
         if not params:
             estimator_params = dict(info["train"].get("eval_estimator_params") or {})
-    dataset = open_split(info["data"], split, cache_dir=cache_dir)
+    dataset = open_run_data(info, data, split, cache_dir)
+    if tuple(dataset.data_shape) != tuple(model.data_shape):
+        raise DataError(
+            f"'{dataset.path}' split '{split}' holds items of shape {tuple(dataset.data_shape)}, "
+            f"but the run's model is for {tuple(model.data_shape)}"
+        )
     torch.manual_seed(seed)
     result = evaluate(
         model,
@@ -270,15 +371,37 @@ def eval_(
             f"{info['weights']} weights of {path.name}",
         )
     )
+    document = result.to_json(checkpoint=str(path))
+    if metric_names is not None:
+        quality = eval_sample_metrics(
+            model,
+            data_spec(data) if data is not None else info["data"],
+            metrics=metric_names,
+            samples=samples,
+            features=features,
+            feature_params=feature_kw,
+            sample_params=sample_kw,
+            seed=seed,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            echo=lambda line: click.echo(line, err=True),
+        )
+        click.echo(format_sample_metrics(quality))
+        document["sample_metrics"] = quality
     if json_out is not None:
-        text = json.dumps(result.to_json(checkpoint=str(path)), indent=2) + "\n"
+        text = json.dumps(document, indent=2) + "\n"
         ckpt.write_atomic(json_out, lambda f: f.write(text.encode()), what="evaluation JSON")
 
 
 @click.command("sample")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("-n", "num", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="PNG grid (or .npy).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Image grid (.png, or another format by its suffix: .jpg, .webp, ...) or .npy.",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Default: the latest.")
 @click.option("--no-ema", is_flag=True, help="Sample the raw weights instead of the EMA.")
@@ -328,6 +451,8 @@ def sample(
     """
     from genkit.model import check_sample_params
 
+    if out.suffix.lower() != ".npy":
+        image_format(out)  # a suffix no image format has is an error before any sampling
     model, info, _path = load_run(
         run_dir, checkpoint=checkpoint, use_ema=not no_ema, device=device, last=last
     )
@@ -348,5 +473,5 @@ def sample(
                 f"a PNG grid needs image data (C, H, W), this model's is {tuple(x.shape[1:])}; "
                 "write --out FILE.npy instead"
             )
-        save_png(image_grid(x, padding=padding, upscale=upscale), out)
+        save_image(image_grid(x, padding=padding, upscale=upscale), out)
     click.echo(f"wrote {num} samples to {out}")

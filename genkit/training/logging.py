@@ -112,12 +112,37 @@ def image_grid(
 def save_png(grid: np.ndarray, path: Path) -> Path:
     """Write a ``(H, W, C)`` uint8 grid as a PNG (grey for C = 1), atomically (an unwritable
     ``path`` is an :class:`~genkit.errors.OutputError`)."""
+    return save_image(grid, path, format="PNG")
+
+
+def image_format(path: Path) -> str:
+    """The Pillow format that ``path``'s suffix names (``.png`` -> ``PNG``, ``.jpg`` ->
+    ``JPEG``); a suffix that names none is a :class:`~genkit.errors.ConfigError`."""
+    from PIL import Image
+
+    from genkit.errors import ConfigError
+
+    formats = Image.registered_extensions()
+    found = formats.get(Path(path).suffix.lower())
+    if found is None or found not in Image.SAVE:
+        raise ConfigError(
+            f"{path}: '{Path(path).suffix}' is not an image format Pillow writes; use .png "
+            "(lossless), .jpg, .webp, ... or .npy for the raw samples"
+        )
+    return found
+
+
+def save_image(grid: np.ndarray, path: Path, format: str | None = None) -> Path:
+    """Write a ``(H, W, C)`` uint8 grid (grey for C = 1) in ``format`` (default: the one
+    ``path``'s suffix names, :func:`image_format`), atomically (an unwritable ``path`` is an
+    :class:`~genkit.errors.OutputError`)."""
     from PIL import Image
 
     from genkit.training.checkpoint import write_atomic
 
+    format = format or image_format(path)
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    return write_atomic(path, lambda f: image.save(f, format="PNG"), what="image")
+    return write_atomic(path, lambda f: image.save(f, format=format), what="image")
 
 
 class RunLogger:
