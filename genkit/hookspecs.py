@@ -84,6 +84,23 @@ def register_schedules(register: Register) -> None:
 
 
 @hookspec
+def register_feature_extractors(register: Register) -> None:
+    """Register feature extractors for the sample-quality metrics (``genkit eval --metrics``,
+    ``--features NAME``; :mod:`genkit.metrics`).
+
+    :param register: call ``register(name, factory, config=None, description="")`` once per
+        extractor. ``factory(context, **params)`` receives a
+        :class:`genkit.features.FeatureContext` (the data spec and its train/test splits, the
+        cache folder, the device, an ``echo`` for progress lines) and returns a
+        :class:`genkit.features.FeatureExtractor`: a callable ``extractor(x) -> (B, F)`` on
+        images ``x: (B, C, H, W)`` in [-1, 1], with an ``info`` mapping (its name and what a
+        reader needs beside each figure, such as a classifier's ``test_accuracy``). It raises
+        a :class:`genkit.errors.GenkitError` with one clear line when it cannot work (missing
+        weights, no labels).
+    """
+
+
+@hookspec
 def on_train_start(trainer: Any) -> None:
     """Called once when a training run starts (after a resume has been restored), on the
     process that logs (rank 0).

@@ -28,7 +28,7 @@ from genkit.config import did_you_mean, structure
 from genkit.errors import InvalidParameterError, PluginError, UnknownModelError, UnknownNameError
 
 ENTRYPOINT_GROUP = "genkit"
-KINDS = ("models", "estimators", "datasets", "schedules")
+KINDS = ("models", "estimators", "datasets", "schedules", "feature_extractors")
 _NAME = re.compile(r"^[a-z][a-z0-9_.-]*$")
 #: Plugins that ship inside genkit itself (its core estimators), registered like any other.
 _CORE_PLUGINS = ("genkit.core_plugin",)

@@ -1,0 +1,292 @@
+"""Feature extractors (plugins) and the sample-quality evaluation built on them.
+
+A feature extractor is registered through the ``register_feature_extractors`` hook (see
+:mod:`genkit.hookspecs`); genkit's own ``classifier`` and ``inception`` come from the built-in
+plugin ``genkit_features``. :func:`sample_metrics` draws a model's samples in batches, passes
+them through an extractor and computes :mod:`genkit.metrics` against the test split, together
+with the floor: the same metrics for as many train examples against the same test split.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import numpy as np
+import torch
+from torch import Tensor
+
+from genkit.metrics import SampleMetrics, check_metrics
+
+#: What a report names as the reference set.
+REFERENCE = "test"
+
+
+class FeatureExtractor(Protocol):
+    """``extractor(x) -> (B, F)`` for images ``x: (B, C, H, W)`` in [-1, 1]; ``info`` says what
+    the features are (``name``, and e.g. ``test_accuracy`` for a classifier)."""
+
+    info: Mapping[str, Any]
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
+@attrs.frozen(kw_only=True)
+class FeatureContext:
+    """What a feature extractor's factory may use.
+
+    :param data: the data spec (``builtin:NAME`` or an HDF5 file).
+    :param train: the train split (an :class:`~genkit.data.H5Dataset`), or ``None``.
+    :param test: the test split, or ``None``.
+    :param cache_dir: ``--cache-dir`` (the built-in datasets' folder) or ``None``.
+    :param device: where the extractor runs.
+    :param echo: prints one progress line.
+    """
+
+    data: str
+    train: Any = None
+    test: Any = None
+    cache_dir: Path | None = None
+    device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
+    echo: Callable[[str], None] = print
+
+
+def genkit_cache(cache_dir: str | Path | None = None) -> Path:
+    """genkit's cache root for things other than datasets (trained feature classifiers, ...):
+    ``cache_dir`` itself when given, else ``$GENKIT_CACHE`` or ``~/.cache/genkit``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("GENKIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "genkit"
+
+
+def available_feature_extractors() -> list[str]:
+    """Names of every registered feature extractor, sorted."""
+    from genkit.registry import get_catalog
+
+    return get_catalog().names("feature_extractors")
+
+
+def check_feature_extractor(name: str) -> str:
+    """``name`` if a plugin registered it, else one :class:`~genkit.errors.UnknownNameError`
+    line listing those that exist."""
+    from genkit.registry import get_catalog
+
+    get_catalog().get("feature_extractors", name)
+    return name
+
+
+def create_feature_extractor(name: str, context: FeatureContext, **params: Any) -> Any:
+    """Build the feature extractor registered as ``name`` for ``context``."""
+    from genkit.registry import get_catalog
+
+    return get_catalog().build("feature_extractors", name, context, **params)
+
+
+def _features(extractor: Any, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return extractor(x).float().reshape(x.shape[0], -1).cpu()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
+
+
+def _add_rows(
+    metrics: SampleMetrics,
+    extractor: Any,
+    dataset: Any,
+    rows: np.ndarray,
+    real: bool,
+    batch_size: int,
+    device: torch.device,
+) -> None:
+    for start in range(0, len(rows), batch_size):
+        x = dataset.__getitems__(rows[start : start + batch_size]).to(device)
+        metrics.update(_features(extractor, x), real=real)
+
+
+def sample_metrics(
+    model: torch.nn.Module,
+    extractor: Any,
+    *,
+    train: Any,
+    test: Any,
+    metrics: list[str],
+    samples: int,
+    sample_params: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    floor: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The sample-quality block of ``genkit eval``'s JSON (``sample_metrics``).
+
+    ``samples`` images are drawn from ``model`` in batches of ``batch_size`` (generator seeded
+    with ``seed``) and compared with the whole test split through ``extractor``; only the
+    features are kept. With ``floor``, ``samples`` train examples (a seeded random subset; all
+    of them if fewer) are compared with the same test features: data against data, the best a
+    model can show with this many samples.
+
+    Returns ``{"metrics": {name: {"value", "std", "samples", "features", "reference",
+    "sample_params"}}, "floor": {name: {...}}, "features": extractor.info, "samples",
+    "reference", "seconds"}``.
+    """
+    metrics = check_metrics(metrics)
+    sample_params = dict(sample_params or {})
+    device = next(iter(model.parameters()), torch.zeros(())).device
+    began = time.perf_counter()
+    model_m = SampleMetrics(metrics, seed=seed)
+    floor_m = SampleMetrics(metrics, seed=seed) if floor else None
+    ref = np.arange(len(test))
+    with _progress(len(ref), "reference features", progress) as bar:
+        for start in range(0, len(ref), batch_size):
+            x = test.__getitems__(ref[start : start + batch_size]).to(device)
+            f = _features(extractor, x)
+            model_m.update(f, real=True)
+            if floor_m is not None:
+                floor_m.update(f, real=True)
+            bar.update(len(x))
+    generator = torch.Generator(device).manual_seed(seed)
+    sample_seconds = 0.0
+    with _progress(samples, "samples", progress) as bar:
+        done = 0
+        while done < samples:
+            n = min(batch_size, samples - done)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                x = model.sample(n, generator=generator, **sample_params)
+            sample_seconds += time.perf_counter() - t0
+            model_m.update(_features(extractor, x.float().clamp(-1, 1)), real=False)
+            done += n
+            bar.update(n)
+    out_model = model_m.compute()
+    out_floor = None
+    if floor_m is not None:
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.permutation(len(train))[: min(samples, len(train))])
+        _add_rows(floor_m, extractor, train, rows, False, batch_size, device)
+        out_floor = floor_m.compute()
+    info = dict(extractor.info)
+    common = {
+        "samples": samples,
+        "features": info,
+        "reference": REFERENCE,
+        "reference_examples": len(test),
+    }
+    result: dict[str, Any] = {
+        "metrics": {
+            n: {**v, **common, "sample_params": sample_params} for n, v in out_model.items()
+        },
+        "floor": None,
+        "features": info,
+        "samples": samples,
+        "reference": REFERENCE,
+        "seed": seed,
+        "sample_params": sample_params,
+        "sample_seconds_per_image": sample_seconds / max(samples, 1),
+    }
+    if out_floor is not None:
+        floor_n = int(min(samples, len(train)))
+        result["floor"] = {
+            n: {**v, **common, "samples": floor_n, "compared": "train split"}
+            for n, v in out_floor.items()
+        }
+    result["seconds"] = time.perf_counter() - began
+    return result
+
+
+def format_sample_metrics(result: Mapping[str, Any]) -> str:
+    """A small table: each metric of the model, ± its std, and its floor."""
+    info = result["features"]
+    about = info.get("name", "?")
+    if info.get("test_accuracy") is not None:
+        about += f", test accuracy {info['test_accuracy']:.4f}"
+    lines = [
+        f"sample quality: {result['samples']} samples against the {result['reference']} split "
+        f"({about})",
+        f"{'metric':<12}{'model':>14}{'floor':>14}",
+    ]
+    floor = result.get("floor") or {}
+    for name, entry in result["metrics"].items():
+
+        def cell(e: Mapping[str, Any] | None) -> str:
+            if e is None:
+                return "n/a"
+            text = f"{e['value']:.4g}"
+            return text + (f" ± {e['std']:.2g}" if e.get("std") is not None else "")
+
+        lines.append(f"{name:<12}{cell(entry):>14}{cell(floor.get(name)):>14}")
+    return "\n".join(lines)
+
+
+def parse_metric_flags(
+    metrics: str | None,
+    features: str,
+    feature_params: dict[str, Any],
+    sample_params: dict[str, Any],
+) -> list[str] | None:
+    """``genkit eval``'s ``--metrics a,b`` as a checked list (``None`` without it), with the
+    feature extractor's name checked; flags that need ``--metrics`` are an error without it."""
+    from genkit.errors import ConfigError
+
+    if metrics is None:
+        for flag, given in (("--sample-param", sample_params), ("--feature-param", feature_params)):
+            if given:
+                raise ConfigError(f"{flag} needs --metrics (e.g. --metrics fid,kid)")
+        return None
+    names = check_metrics([m for m in metrics.split(",") if m.strip()])
+    check_feature_extractor(features)
+    return names
+
+
+def eval_sample_metrics(
+    model: torch.nn.Module,
+    data: str,
+    *,
+    metrics: list[str],
+    samples: int,
+    features: str,
+    feature_params: Mapping[str, Any],
+    sample_params: Mapping[str, Any],
+    seed: int,
+    batch_size: int,
+    cache_dir: Path | None,
+    echo: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Open ``data``'s train and test splits, build the extractor ``features`` and return
+    :func:`sample_metrics` of ``model`` (its floor included)."""
+    from genkit.data import open_dataset
+    from genkit.errors import DataError
+
+    train = open_dataset(data, "train", cache_dir=cache_dir)
+    test = open_dataset(data, "test", cache_dir=cache_dir)
+    if tuple(test.data_shape) != tuple(model.data_shape):
+        raise DataError(
+            f"{data} holds items of shape {tuple(test.data_shape)}, "
+            f"but the model is for {tuple(model.data_shape)}"
+        )
+    device = next(iter(model.parameters()), torch.zeros(())).device
+    context = FeatureContext(
+        data=data, train=train, test=test, cache_dir=cache_dir, device=device, echo=echo
+    )
+    extractor = create_feature_extractor(features, context, **dict(feature_params))
+    return sample_metrics(
+        model,
+        extractor,
+        train=train,
+        test=test,
+        metrics=metrics,
+        samples=samples,
+        sample_params=sample_params,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+    )
