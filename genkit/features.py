@@ -246,23 +246,20 @@ def parse_metric_flags(
     return names
 
 
-def eval_sample_metrics(
+def prepare_sample_metrics(
     model: torch.nn.Module,
     data: str,
     *,
-    metrics: list[str],
-    samples: int,
     features: str,
     feature_params: Mapping[str, Any],
-    sample_params: Mapping[str, Any],
-    seed: int,
-    batch_size: int,
     cache_dir: Path | None,
     echo: Callable[[str], None] = print,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Open ``data``'s train and test splits, build the extractor ``features`` and return
-    :func:`sample_metrics` of ``model`` (its floor included)."""
+) -> Callable[..., dict[str, Any]]:
+    """Open ``data``'s train and test splits and build the extractor ``features`` (training a
+    classifier if its cache has none), so that a problem shows before any other work; returns
+    :func:`sample_metrics` with ``model``, the extractor and the splits bound."""
+    import functools
+
     from genkit.data import open_dataset
     from genkit.errors import DataError
 
@@ -278,15 +275,4 @@ def eval_sample_metrics(
         data=data, train=train, test=test, cache_dir=cache_dir, device=device, echo=echo
     )
     extractor = create_feature_extractor(features, context, **dict(feature_params))
-    return sample_metrics(
-        model,
-        extractor,
-        train=train,
-        test=test,
-        metrics=metrics,
-        samples=samples,
-        sample_params=sample_params,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
-    )
+    return functools.partial(sample_metrics, model, extractor, train=train, test=test)

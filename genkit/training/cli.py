@@ -322,7 +322,7 @@ def eval_(
     genkit eval diffusers:PIPELINE_DIR --data cifar10.h5 --json ddpm.json
     """
     from genkit.evaluation import evaluate
-    from genkit.features import eval_sample_metrics, format_sample_metrics, parse_metric_flags
+    from genkit.features import format_sample_metrics, parse_metric_flags, prepare_sample_metrics
 
     for flag, value in (("--mc-se", mc_se), ("--max-nfe", max_nfe)):
         if not value >= 0:
@@ -343,6 +343,14 @@ def eval_(
         from genkit.model import check_sample_params
 
         check_sample_params(model, sample_kw, info["model"]["name"], "--sample-param")
+        measure = prepare_sample_metrics(
+            model,
+            data_spec(data) if data is not None else info["data"],
+            features=features,
+            feature_params=feature_kw,
+            cache_dir=cache_dir,
+            echo=lambda line: click.echo(line, err=True),
+        )
     if estimator is None:
         estimator = info["train"].get("eval_estimator")
         if not params:
@@ -373,18 +381,13 @@ def eval_(
     )
     document = result.to_json(checkpoint=str(path))
     if metric_names is not None:
-        quality = eval_sample_metrics(
-            model,
-            data_spec(data) if data is not None else info["data"],
+        quality = measure(
             metrics=metric_names,
             samples=samples,
-            features=features,
-            feature_params=feature_kw,
             sample_params=sample_kw,
             seed=seed,
             batch_size=batch_size,
-            cache_dir=cache_dir,
-            echo=lambda line: click.echo(line, err=True),
+            progress=True,
         )
         click.echo(format_sample_metrics(quality))
         document["sample_metrics"] = quality
