@@ -4,8 +4,12 @@ The discrete VDM's chain ``x -> x_1 -> ... -> x_T`` with ``T -> infinity``: late
 ``t in [0, 1]``, the fixed encoder ``q(z_t|x) = N(alpha_t x, sigma_t^2 I)`` on a log-SNR
 schedule ``lambda(t)`` (:mod:`genkit_vdm.logsnr`), the reverse step ``p(z_s|z_t) = q(z_s|z_t,
 x = x0_hat(z_t, t))`` for ``s < t``, ``p(z_1) = N(0, I)`` and a decoder ``p(x|z_0)`` with no
-network: a discretized Gaussian over the 256 bins (vectors: a Gaussian density) with mean
-``z_0 / alpha_0`` and scale ``sigma_0 / alpha_0``, the inverse of the encoder's first step.
+network. For 8-bit images it is, by default (``decoder="softmax"``), Kingma et al.'s
+``p(x|z_0) ∝ q(z_0|x)`` normalised over the 256 values ``x_k = k/127.5 - 1``: a softmax of the
+logits ``-(z_0 - alpha_0 x_k)^2 / (2 sigma_0^2)``, independent across pixels
+(:class:`~genkit.distributions.GridGaussian`); ``decoder="bin_mass"`` gives the mass that the
+Gaussian ``N(z_0 / alpha_0, (sigma_0 / alpha_0)^2)`` puts on each bin (DDPM's, a
+:class:`~genkit.distributions.DiscretizedGaussian`). Vectors: that Gaussian as a density.
 
 Its ELBO (Kingma et al. eqs. 11-17; docs/vdm.md derives it as the limit of the lecture's
 denoising-matching sum)::
@@ -28,7 +32,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 from genkit import likelihoods
-from genkit.distributions import DiscretizedGaussian
+from genkit.distributions import DiscretizedGaussian, GridGaussian
 from genkit.elbo import ELBO, ELBOTerms
 from genkit.errors import InvalidParameterError
 from genkit.model import LatentVariableModel, StandardNormalPrior, check_count
@@ -54,6 +58,22 @@ class ContinuousReverseProcess(ReverseProcess):
     ``p(z_s|z_t)``; called as a :class:`~genkit.model.Decoder` it is ``p(x|z_0)``."""
 
     encoder: ContinuousForwardProcess
+
+    def __init__(
+        self,
+        net: nn.Module,
+        encoder: ContinuousForwardProcess,
+        parameterization: str,
+        likelihood: str,
+        decoder: str = "bin_mass",
+    ) -> None:
+        super().__init__(net, encoder, parameterization, likelihood)
+        if decoder not in ("softmax", "bin_mass"):
+            raise InvalidParameterError(
+                f"unknown decoder '{decoder}'; choose from softmax, bin_mass"
+            )
+        #: ``p(x|z_0)`` for 8-bit images: ``softmax`` (Kingma et al.) or ``bin_mass`` (DDPM).
+        self.grid_decoder = decoder
 
     def predict(
         self,
@@ -87,13 +107,16 @@ class ContinuousReverseProcess(ReverseProcess):
         return self.encoder.q_posterior(z_t, self.predict(z_t, t).x0, t, s)
 
     def decoder_at(self, z_0: Tensor, log_snr_0: Tensor) -> Distribution:
-        """``p(x | z_0)``: mean ``z_0 / alpha_0``, scale ``sigma_0 / alpha_0 = exp(-lambda(0)/2)``."""
+        """``p(x | z_0)`` over the data dimensions (module docstring), from the Gaussian with
+        mean ``z_0 / alpha_0`` and scale ``sigma_0 / alpha_0 = exp(-lambda(0)/2)``: on 8-bit
+        images normalised over the 256 values (``softmax``) or its bin masses (``bin_mass``)."""
         alpha, _ = self.encoder.coefficients(log_snr_0)
         mean = z_0 / expand_like(alpha.reshape(-1), z_0)
         scale = torch.exp(-0.5 * log_snr_0).to(z_0.dtype).reshape(-1)
         scale = expand_like(scale, z_0).expand_as(z_0)
         if self.likelihood == "discretized_gaussian":
-            return Independent(DiscretizedGaussian(mean, scale), z_0.dim() - 1)
+            grid = GridGaussian if self.grid_decoder == "softmax" else DiscretizedGaussian
+            return Independent(grid(mean, scale), z_0.dim() - 1)
         return Independent(Normal(mean, scale), z_0.dim() - 1)
 
     def forward(self, z_0: Tensor) -> Distribution:
@@ -110,8 +133,25 @@ def diffusion_loss(model: ContinuousVDM, x: Tensor, t: Tensor) -> tuple[Tensor, 
     eps = torch.randn_like(x)
     z_t = expand_like(alpha, x) * x + expand_like(sigma, x) * eps
     pred = model.decoder.predict(z_t, t, log_snr=log_snr.value)
-    sq_err = reduce((eps - pred.eps).float().square(), "n ... -> n", "sum")
+    # float32 at least (bf16 under autocast), float64 in a float64 model
+    err = (eps - pred.eps).to(torch.promote_types(x.dtype, torch.float32))
+    sq_err = reduce(err.square(), "n ... -> n", "sum")
     return -0.5 * log_snr.slope * sq_err, sq_err, log_snr
+
+
+def reconstruction(model: ContinuousVDM, x: Tensor, log_snr_0: Tensor) -> Tensor:
+    """The ``reconstruction`` term at one draw ``z_0 = alpha_0 x + sigma_0 eps``, ``(B,)``::
+
+        E_{q(z_0|x)}[log p(x|z_0)],   softmax:  log p(x|z_0) = sum_i [l_i(x_i)
+                                                    - log sum_{k=0}^{255} exp l_i(x_k)],
+                                      l_i(v) = -(z_{0,i} - alpha_0 v)^2 / (2 sigma_0^2)
+
+    (``x_k = k/127.5 - 1``); ``bin_mass``: ``sum_i log P(bin of x_i)`` under
+    ``N(z_{0,i} / alpha_0, (sigma_0 / alpha_0)^2)``; vectors: that Gaussian's log-density.
+    ``log_snr_0 = lambda(0)``, with its gradient for a learned end point."""
+    alpha_0, sigma_0 = model.encoder.coefficients(log_snr_0)
+    z_0 = alpha_0 * x + sigma_0 * torch.randn_like(x)
+    return model.decoder.decoder_at(z_0, log_snr_0).log_prob(x)
 
 
 def continuous_elbo(model: ContinuousVDM, x: Tensor, t_samples: int, sampler: str) -> ELBOTerms:
@@ -124,12 +164,10 @@ def continuous_elbo(model: ContinuousVDM, x: Tensor, t_samples: int, sampler: st
     loss, sq_err, log_snr = diffusion_loss(model, repeat(x, "b ... -> (k b) ...", k=t_samples), t)
     minimise_variance(log_snr, loss)
     ends = model.schedule.end_points()  # lambda(0), lambda(1)
-    alpha_0, sigma_0 = model.encoder.coefficients(ends[0])
-    z_0 = alpha_0 * x + sigma_0 * torch.randn_like(x)
     alpha_1, sigma_1 = model.encoder.coefficients(ends[1])
     q_1 = Independent(Normal(alpha_1 * x, sigma_1.expand_as(x)), x.dim() - 1)
     terms = {
-        "reconstruction": model.decoder.decoder_at(z_0, ends[0]).log_prob(x),
+        "reconstruction": reconstruction(model, x, ends[0]),
         "prior_matching": -kl_divergence(q_1, model.prior()),
         "denoising_matching": -reduce(loss, "(k b) -> b", "mean", k=t_samples),
     }
@@ -137,6 +175,25 @@ def continuous_elbo(model: ContinuousVDM, x: Tensor, t_samples: int, sampler: st
     return ELBOTerms(
         terms=terms, num_dims=model.num_dims, extras={"simple": simple}, nfe=float(t_samples)
     )
+
+
+#: ``decoder="auto"``: the continuous model's ``p(x|z_0)`` on 8-bit images (docs/vdm.md has
+#: the measurements behind the choice).
+DEFAULT_DECODER = "softmax"
+
+
+def _grid_decoder(decoder: str, likelihood: str) -> str:
+    """``VDMConfig.decoder`` resolved: ``auto`` -> :data:`DEFAULT_DECODER`; ``softmax`` and
+    ``bin_mass`` are masses over 8-bit values, so a ``gaussian`` likelihood (a density) takes
+    neither."""
+    if likelihood != "discretized_gaussian":
+        if decoder != "auto":
+            raise InvalidParameterError(
+                f"model 'vdm': decoder='{decoder}' is a mass over 8-bit values; the "
+                f"'{likelihood}' likelihood is a density: leave decoder='auto'"
+            )
+        return DEFAULT_DECODER
+    return DEFAULT_DECODER if decoder == "auto" else decoder
 
 
 class ContinuousVDM(LatentVariableModel):
@@ -174,6 +231,7 @@ class ContinuousVDM(LatentVariableModel):
             self.encoder,
             cfg.parameterization,
             lik,
+            _grid_decoder(cfg.decoder, lik),
         )
         self.prior = StandardNormalPrior(self.data_shape)
         self.default_estimator = DenoisingMatchingELBO(**self._estimator_settings())
@@ -224,4 +282,4 @@ class ContinuousVDM(LatentVariableModel):
         return continuous(self, n, steps, eta=eta, generator=generator, clip=clip, final=final)
 
 
-__all__ = ["ContinuousReverseProcess", "ContinuousVDM", "continuous_elbo"]
+__all__ = ["ContinuousReverseProcess", "ContinuousVDM", "continuous_elbo", "reconstruction"]

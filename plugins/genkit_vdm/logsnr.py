@@ -76,13 +76,14 @@ def minimise_variance(log_snr: LogSNR, loss: Tensor) -> None:
 
 
 def check_times(t: Tensor) -> Tensor:
-    """``t`` as a float32 ``(N,)`` tensor, checked to lie in [0, 1]."""
+    """``t`` as a float32 ``(N,)`` tensor (float64 kept: a float64 model's times stay exact),
+    checked to lie in [0, 1]."""
     t = torch.as_tensor(t)
     if not t.is_floating_point():
         raise InvalidParameterError(
             f"a continuous-time VDM takes float times t in [0, 1], got a {t.dtype} tensor"
         )
-    t = t.float().reshape(-1)
+    t = t.to(torch.promote_types(t.dtype, torch.float32)).reshape(-1)
     if t.numel() and not bool(((t >= 0.0) & (t <= 1.0)).all()):
         raise InvalidParameterError(
             f"time t must lie in [0, 1]; got values from {t.min().item():.4g} to {t.max().item():.4g}"

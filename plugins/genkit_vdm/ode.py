@@ -137,7 +137,8 @@ def flow_time(model: LatentVariableModel) -> FlowTime:
         if steps == 0 and callable(getattr(encoder, "log_snr_and_slope", None)):
 
             def continuous(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-                log_snr = encoder.log_snr_and_slope(t.float())
+                # t stays float64: the schedule computes in the model's precision
+                log_snr = encoder.log_snr_and_slope(t)
                 # the net sees the noise level, as in training (ContinuousReverseProcess.predict)
                 return log_snr.value, log_snr.slope, encoder.schedule.conditioning(log_snr.value)
 
@@ -200,7 +201,7 @@ class _Flow:
         t = t.to(torch.float64).clamp(self.time.start, self.time.end).reshape(1)
         lam, slope, net_t = self.time.at(t)
         lam, slope = lam.detach().to(z.dtype), slope.detach().to(z.dtype)
-        net_t = net_t.detach().float()  # the nets' time: float32, as in training
+        net_t = net_t.detach().to(z.dtype)  # the nets' time in the model's precision
         alpha, sigma = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)

@@ -46,8 +46,14 @@ if TYPE_CHECKING:
 FINALS = ("mode", "sample")
 
 
+def _dtype(model: VDM) -> torch.dtype:
+    """The model's floating-point precision (float64 for a model made ``.double()``)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _noise(model: VDM, n: int, generator: torch.Generator | None) -> Tensor:
-    return torch.randn((n, *model.data_shape), generator=generator, device=model.device)
+    shape = (n, *model.data_shape)
+    return torch.randn(shape, generator=generator, device=model.device, dtype=_dtype(model))
 
 
 def _steps(model: VDM, n: int, t: int) -> Tensor:
@@ -180,7 +186,7 @@ def continuous(
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise InvalidParameterError(f"steps must be an integer >= 1, got {steps!r}")
     enc = model.encoder
-    grid = torch.linspace(0.0, 1.0, steps + 1, device=model.device)  # t_0 = 0 .. t_S = 1
+    grid = torch.linspace(0.0, 1.0, steps + 1, device=model.device, dtype=_dtype(model))
     ab = torch.sigmoid(enc.log_snr(grid).double())  # alpha_t^2 on the grid
     z = _noise(model, n, generator)  # z_1
     for i in range(steps, 0, -1):

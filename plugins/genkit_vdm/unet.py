@@ -33,20 +33,25 @@ from genkit.nets import Float32Conv2d, mlp
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
     """Transformer sinusoids of ``t: (B,)`` -> ``(B, dim)``:
-    ``[cos(t w_i), sin(t w_i)]`` with ``w_i = max_period^(-i / (dim/2))``."""
+    ``[cos(t w_i), sin(t w_i)]`` with ``w_i = max_period^(-i / (dim/2))``, computed in float32,
+    or float64 for a float64 ``t``."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    angles = t.float()[:, None] * freqs[None, :]  # (B, half)
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    steps = torch.arange(half, device=t.device, dtype=dtype)
+    freqs = torch.exp(-math.log(max_period) * steps / half)
+    angles = t.to(dtype)[:, None] * freqs[None, :]  # (B, half)
     emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
     return F.pad(emb, (0, dim % 2))
 
 
 def fourier_features(x: Tensor, exponents: Sequence[int]) -> Tensor:
     """``x: (B, C, ...)`` -> ``(B, 2 C len(exponents), ...)``: ``sin(2^n pi x)``, ``cos(2^n pi x)``
-    for each ``n``, computed in float32 (bf16 would lose the phase at ``2^7 pi``)."""
-    freqs = torch.tensor([(2.0**n) * math.pi for n in exponents], device=x.device)
+    for each ``n``, computed in float32 (bf16 would lose the phase at ``2^7 pi``), or float64
+    for a float64 ``x``."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    freqs = torch.tensor([(2.0**n) * math.pi for n in exponents], device=x.device, dtype=dtype)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        angles = rearrange(x.float(), "b c ... -> b c 1 ...") * rearrange(
+        angles = rearrange(x.to(dtype), "b c ... -> b c 1 ...") * rearrange(
             freqs, "n -> n" + " 1" * (x.dim() - 2)
         )
         features = torch.cat([angles.sin(), angles.cos()], dim=2)  # (B, C, 2n, ...)
@@ -180,7 +185,8 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         t = t.reshape(-1).expand(x.shape[0]) * self.time_scale
-        emb = self.embed(timestep_embedding(t, self.channels))
+        # the embedding in the input's precision: float64 for a float64 model
+        emb = self.embed(timestep_embedding(t, self.channels).to(x.dtype))
         if self.fourier:
             x = torch.cat([x, fourier_features(x, self.fourier)], dim=1)
         h = self.conv_in(x)
@@ -217,5 +223,5 @@ class MLPDenoiser(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         t = t.reshape(-1).expand(x.shape[0]) * self.time_scale
-        emb = self.embed(timestep_embedding(t, self.emb_dim))
+        emb = self.embed(timestep_embedding(t, self.emb_dim).to(x.dtype))
         return self.net(torch.cat([x, emb], dim=-1))

@@ -84,9 +84,10 @@ def test_consistency_is_discrete_only():
         m.elbo(x, "denoising_matching", proposal="uniform")
 
 
-def test_terms_by_hand_with_the_noise_replayed():
+@pytest.mark.parametrize("decoder", ["softmax", "bin_mass"])
+def test_terms_by_hand_with_the_noise_replayed(decoder):
     """Each term recomputed from the formulas at the draws the estimator made."""
-    m, x = _small(schedule="fixed_linear"), _images()
+    m, x = _small(schedule="fixed_linear", decoder=decoder), _images()
     torch.manual_seed(3)
     terms = m.elbo(x, t_samples=2, t_sampler="uniform")
     torch.manual_seed(3)
@@ -101,15 +102,21 @@ def test_terms_by_hand_with_the_noise_replayed():
     torch.testing.assert_close(
         terms.terms["denoising_matching"].double(), -loss.view(2, 4).mean(0), rtol=1e-4, atol=1e-3
     )
-    # reconstruction: z_0 = alpha_0 x + sigma_0 eps, discretized Gaussian(z_0/alpha_0, e^{-13.3/2})
+    # reconstruction: z_0 = alpha_0 x + sigma_0 eps; softmax: log_softmax over k of
+    # -(z_0 - alpha_0 x_k)^2 / (2 sigma_0^2) at x's k; bin_mass: discretized
+    # Gaussian(z_0/alpha_0, e^{-13.3/2})
     a0, s0 = math.sqrt(torch.sigmoid(torch.tensor(13.3)).item()), math.exp(-13.3 / 2)
-    z0 = (
-        a0 * x.double()
-        + math.sqrt(torch.sigmoid(torch.tensor(-13.3)).item()) * torch.randn(x.shape).double()
-    )
-    recon = discretized_gaussian_log_prob(
-        x.double(), z0 / a0, torch.full_like(z0, math.log(s0))
-    ).flatten(1)
+    sig0 = math.sqrt(torch.sigmoid(torch.tensor(-13.3)).item())
+    z0 = a0 * x.double() + sig0 * torch.randn(x.shape).double()
+    if decoder == "softmax":
+        grid = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+        logits = -((z0.unsqueeze(-1) - a0 * grid) ** 2) / (2 * sig0**2)
+        k = ((x.double() + 1) * 127.5).round().long().unsqueeze(-1)
+        recon = logits.log_softmax(-1).gather(-1, k).squeeze(-1).flatten(1)
+    else:
+        recon = discretized_gaussian_log_prob(
+            x.double(), z0 / a0, torch.full_like(z0, math.log(s0))
+        ).flatten(1)
     torch.testing.assert_close(
         terms.terms["reconstruction"].double(), recon.sum(1), rtol=1e-4, atol=1e-3
     )
