@@ -276,3 +276,39 @@ def prepare_sample_metrics(
     )
     extractor = create_feature_extractor(features, context, **dict(feature_params))
     return functools.partial(sample_metrics, model, extractor, train=train, test=test)
+
+
+def run_sample_metrics(
+    model: torch.nn.Module,
+    train: Any,
+    test: Any,
+    settings: Any,
+    *,
+    sample_params: Mapping[str, Any],
+    seed: int,
+    echo: Callable[[str], None] = print,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """A recipe run's ``sample_metrics`` from its ``[eval]`` settings (``metrics``,
+    ``metric_samples``, ``features``, ``feature_params``, ``batch_size``), the splits the
+    recipe opened (their file is the data the classifier cache is keyed by)."""
+    context = FeatureContext(
+        data=str(train.path),
+        train=train,
+        test=test,
+        device=next(iter(model.parameters()), torch.zeros(())).device,
+        echo=echo,
+    )
+    extractor = create_feature_extractor(settings.features, context, **settings.feature_params)
+    return sample_metrics(
+        model,
+        extractor,
+        train=train,
+        test=test,
+        metrics=list(settings.metrics),
+        samples=settings.metric_samples,
+        sample_params=sample_params,
+        seed=seed,
+        batch_size=settings.batch_size,
+        progress=progress,
+    )

@@ -52,6 +52,49 @@ def term_names(rows: Sequence[dict[str, Any]]) -> list[str]:
     return names
 
 
+def quality_names(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Every sample-quality metric of every run (``[eval] metrics``), in order."""
+    names: list[str] = []
+    for row in rows:
+        names += [n for n in (row.get("sample_metrics") or {}).get("metrics", {}) if n not in names]
+    return names
+
+
+def quality_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Each metric, KID's std, each metric's floor (test split against train split), and the
+    features they were computed on; none without ``[eval] metrics``."""
+    out: list[str] = []
+    for name in quality_names(rows):
+        out += [name, *(["kid_std"] if name == "kid" else []), f"{name}_floor"]
+    return [*out, "features"] if out else []
+
+
+def _features(block: dict[str, Any]) -> str:
+    info = block.get("features", {})
+    text = str(info.get("name", "?"))
+    if info.get("test_accuracy") is not None:
+        text += f" (test accuracy {info['test_accuracy']:.4f})"
+    return f"{text}, {block.get('samples')} samples"
+
+
+def quality_cells(row: dict[str, Any], names: list[str]) -> list[str]:
+    """The cells of :func:`quality_columns` for one row."""
+    block = row.get("sample_metrics")
+    if not names:
+        return []
+    if not block:
+        return [""] * (sum(3 if n == "kid" else 2 for n in names) + 1)
+    cells = []
+    for name in names:
+        entry = block["metrics"].get(name) or {}
+        floor = (block.get("floor") or {}).get(name) or {}
+        cells.append(_num(entry.get("value")) if entry else "")
+        if name == "kid":
+            cells.append(_num(entry.get("std")) if entry else "")
+        cells.append(_num(floor.get("value")) if floor else "")
+    return [*cells, _features(block)]
+
+
 def columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The table's columns: run, model, decoder, parameters, steps, training seconds, each
     term, bits/dim, se, mc_se, network evaluations per example, sampling images/s."""
@@ -68,6 +111,7 @@ def columns(rows: Sequence[dict[str, Any]]) -> list[str]:
         "mc_se",
         "nfe_per_example",
         "sample_images_per_second",
+        *quality_columns(rows),
     ]
 
 
@@ -78,6 +122,7 @@ def _params(row: dict[str, Any]) -> str:
 def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
     """The rows of :func:`columns` as text."""
     names = term_names(rows)
+    quality = quality_names(rows)
     out = []
     for row in rows:
         terms = row["terms_bits_per_dim"]
@@ -95,6 +140,7 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
                 _num(row["mc_se"]),
                 _num(row["nfe_per_example"], 1),
                 _num(row["sample_images_per_second"], 1),
+                *quality_cells(row, quality),
             ]
         )
     return out
@@ -113,6 +159,14 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = "") -> str:
         "the 8-bit data; se: std over test examples / sqrt(N); mc_se: the Monte-Carlo error of "
         "the estimate given the test set; terms in bits/dim add up to the total.",
     ]
+    if quality_names(rows):
+        lines += [
+            "",
+            "Sample quality (docs/metrics.md): each metric of the run's samples against the test "
+            "split, on the named features; *_floor: the same metric for as many train-split "
+            "examples against the test split (data against data: the best a model can show). "
+            "Classifier-feature FIDs are not comparable with Inception FIDs.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -164,6 +164,10 @@ def prepare(
             torch.manual_seed(config.seed)
             model = create_model(spec.model, shape, **spec.params)
             check_sample_params(model, config.sample_params, spec.model)
+            if settings.metrics:
+                from genkit.features import check_feature_extractor
+
+                check_feature_extractor(settings.features)
             model.eval()
             with torch.no_grad():
                 training = None
@@ -316,6 +320,20 @@ def run_one(
         images_per_second = run.eval.samples / (time.perf_counter() - began)
         if x.dim() == 4:
             grid = save_png(image_grid(x.float().cpu()), out / "samples" / f"{spec.name}.png")
+    quality = None
+    if run.eval.metrics:
+        from genkit.features import run_sample_metrics
+
+        quality = run_sample_metrics(
+            trainer.ema_model,
+            train_ds,
+            test_ds,
+            run.eval,
+            sample_params=run.config.sample_params,
+            seed=run.config.seed,
+            echo=echo,
+            progress=not quiet,
+        )
     bits = result.bits()
     scale = result.num_dims * LN2
     row = {
@@ -342,6 +360,7 @@ def run_one(
         "sample_images_per_second": images_per_second,
         "sample_params": spec.sample_params,
         "sample_grid": str(grid) if grid is not None else None,
+        "sample_metrics": quality,
         "curve": trainer.eval_history,
         "train_config": config_dict(run.config),
         provenance.KEY: run.made_by,

@@ -19,6 +19,9 @@ is the reference::
     max_nfe = 1000                      # ... or this many network evaluations per example
     points = 8                          # periodic evaluations for the learning curve
     samples = 64                        # images in each run's sample grid
+    metrics = ["fid", "kid"]            # sample quality (docs/metrics.md), with the floor
+    metric_samples = 1000               # ... of this many samples
+    features = "classifier"             # ... on this feature extractor's features
 
     [[runs]]
     name = "vae"
@@ -66,6 +69,13 @@ class Budget:
         return {"steps": self.steps, "minutes": None}
 
 
+def _metric_names(_instance: Any, _attribute: Any, value: list[str]) -> None:
+    from genkit.metrics import check_metrics
+
+    if value:
+        check_metrics(value, where="metrics")
+
+
 @attrs.frozen(kw_only=True)
 class EvalSettings:
     """How a run is evaluated on the test split (:func:`genkit.evaluation.evaluate`)."""
@@ -85,6 +95,13 @@ class EvalSettings:
     batch_size: int = attrs.field(default=256, validator=v.ge(1))
     #: Images in the run's sample grid, and the grid's timing of sampling.
     samples: int = attrs.field(default=64, validator=v.ge(0))
+    #: Sample-quality metrics (``fid``, ``kid``, ``precision``, ``recall``; docs/metrics.md) of
+    #: ``metric_samples`` samples against the test split, on the features of the registered
+    #: extractor ``features`` (with ``feature_params``), each with its floor; ``[]``: none.
+    metrics: list[str] = attrs.field(factory=list, validator=_metric_names)
+    metric_samples: int = attrs.field(default=1000, validator=v.ge(4))
+    features: str = "classifier"
+    feature_params: dict[str, Any] = attrs.field(factory=dict)
 
 
 #: A run's name is a folder's name (``OUT/runs/NAME``): letters, digits, ``_``, ``.``, ``-``.

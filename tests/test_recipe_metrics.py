@@ -1,0 +1,78 @@
+"""A recipe's ``[eval] metrics``: the sample-quality columns in results.md/.csv/.json, and bad
+metric or feature names as one line before anything trains."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "training"))
+from trainhelp import invoke
+
+RECIPE = """
+name = "quality"
+data = "builtin:digits"
+out = "{out}"
+
+[train]
+batch_size = 16
+lr_warmup_steps = 1
+
+[budget]
+steps = 2
+
+[eval]
+mc_se = 10.0
+max_nfe = 4
+points = 0
+samples = 0
+metrics = {metrics}
+metric_samples = 40
+features = "{features}"
+feature_params = {{ steps = 20 }}
+
+[[runs]]
+name = "vae"
+model = "vae"
+params = {{ latent_dim = 2, hidden = 16, net = "mlp" }}
+"""
+
+
+def recipe(tmp_path: Path, metrics='["fid", "kid"]', features="classifier") -> Path:
+    path = tmp_path / "quality.toml"
+    path.write_text(RECIPE.format(out=tmp_path / "out", metrics=metrics, features=features))
+    return path
+
+
+def test_quality_columns_in_every_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENKIT_CACHE", str(tmp_path / "cache"))
+    invoke("run", recipe(tmp_path), "--quiet")
+    out = tmp_path / "out"
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    want = ["fid", "fid_floor", "kid", "kid_std", "kid_floor", "features"]
+    assert all(c in table[0] for c in want)
+    assert float(table[0]["fid"]) > 0 and float(table[0]["kid_std"]) >= 0
+    assert table[0]["features"].startswith("classifier (test accuracy 0.")
+    doc = json.loads((out / "results.json").read_text())
+    block = doc["runs"][0]["sample_metrics"]
+    assert block["samples"] == 40 and set(block["metrics"]) == {"fid", "kid"}
+    assert float(table[0]["fid_floor"]) == pytest.approx(block["floor"]["fid"]["value"], abs=1e-4)
+    md = (out / "results.md").read_text()
+    assert "| fid | fid_floor | kid | kid_std | kid_floor | features |" in md
+    assert "not comparable with Inception" in md
+
+
+@pytest.mark.parametrize(
+    ("metrics", "features", "message"),
+    [
+        ('["fid", "isc"]', "classifier", "unknown metric 'isc'"),
+        ('["fid"]', "clip", "unknown feature_extractor 'clip'"),
+    ],
+)
+def test_bad_names_are_one_line_before_training(tmp_path, metrics, features, message):
+    text = invoke("run", recipe(tmp_path, metrics, features), code=1)
+    assert message in text and len(text.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "runs").exists()
