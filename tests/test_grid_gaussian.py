@@ -25,11 +25,11 @@ def test_probabilities_over_the_256_values_sum_to_one(loc, scale, dtype):
 
 def test_log_prob_matches_a_brute_force_loop_and_categorical():
     g = torch.Generator().manual_seed(0)
-    loc = torch.rand(12, generator=g, dtype=torch.float64) * 2.4 - 1.2
-    scale = torch.rand(12, generator=g, dtype=torch.float64) * 0.05 + 1e-3
-    k = torch.randint(0, 256, (12,), generator=g)
+    loc = torch.rand(6, generator=g, dtype=torch.float64) * 2.4 - 1.2
+    scale = torch.rand(6, generator=g, dtype=torch.float64) * 0.05 + 1e-3
+    k = torch.randint(0, 256, (6,), generator=g)
     got = GridGaussian(loc, scale).log_prob(GRID[k])
-    for i in range(12):
+    for i in range(6):
         m, s = loc[i].item(), scale[i].item()
         logits = [-((j / 127.5 - 1 - m) ** 2) / (2 * s * s) for j in range(256)]
         top = max(logits)
@@ -110,3 +110,24 @@ def test_validation_rejects_values_off_the_grid():
     d = GridGaussian(torch.zeros(3), torch.ones(3), validate_args=True)
     with pytest.raises(InvalidParameterError, match="grid Gaussian needs 8-bit data"):
         d.log_prob(torch.tensor([0.0, 0.001, 0.5]))
+
+
+@pytest.mark.parametrize("scale", [1e-5, 1e-3, 0.0013, 0.01, 0.03, 0.1, 0.5])
+def test_windowed_normaliser_equals_the_sum_over_all_256_values(scale):
+    """log_normaliser sums over the 2W + 1 centres nearest loc (W from scale); against the
+    plain logsumexp over the whole grid, for loc inside and beyond [-1, 1]."""
+    g = torch.Generator().manual_seed(0)
+    loc = torch.rand(500, generator=g, dtype=torch.float64) * 2.6 - 1.3
+    d = GridGaussian(loc, torch.full_like(loc, scale))
+    energy = -0.5 * ((GRID - loc[:, None]) / scale) ** 2  # (500, 256)
+    torch.testing.assert_close(
+        d.log_normaliser(), torch.logsumexp(energy, -1), rtol=1e-13, atol=1e-13
+    )
+    # and its gradient in loc: d/dloc log Z = E_P[(x_k - loc)] / scale^2
+    loc.requires_grad_(True)
+    (grad,) = torch.autograd.grad(
+        GridGaussian(loc, torch.full_like(loc, scale)).log_normaliser().sum(), loc
+    )
+    p = torch.softmax(energy, -1)
+    expected = (p * (GRID - loc[:, None].detach())).sum(-1) / scale**2
+    torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-9 / scale)
