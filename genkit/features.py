@@ -211,7 +211,7 @@ def format_sample_metrics(result: Mapping[str, Any]) -> str:
     lines = [
         f"sample quality: {result['samples']} samples against the {result['reference']} split "
         f"({about})",
-        f"{'metric':<12}{'model':>14}{'floor':>14}",
+        f"{'metric':<12}{'model':>20}{'floor':>20}",
     ]
     floor = result.get("floor") or {}
     for name, entry in result["metrics"].items():
@@ -222,7 +222,7 @@ def format_sample_metrics(result: Mapping[str, Any]) -> str:
             text = f"{e['value']:.4g}"
             return text + (f" ± {e['std']:.2g}" if e.get("std") is not None else "")
 
-        lines.append(f"{name:<12}{cell(entry):>14}{cell(floor.get(name)):>14}")
+        lines.append(f"{name:<12}{cell(entry):>20}{cell(floor.get(name)):>20}")
     return "\n".join(lines)
 
 
