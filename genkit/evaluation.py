@@ -22,15 +22,17 @@ reached; the result says which. Everything runs with the model in eval mode, wit
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
 import torch
 from torch import Tensor
 
+from genkit import collective
 from genkit.elbo import LN2
 
 #: Why the draws stopped.
@@ -67,6 +69,8 @@ class EvalResult:
     #: the standard deviation of the bits/dim of one draw (one estimator call) on one example,
     #: ``sqrt(mean_n s_n^2)``: what ``mc_se`` would be for a single example and draw
     draw_sd: float = math.nan
+    #: the processes that shared the examples (``torchrun``; 1: this one alone)
+    processes: int = 1
 
     @property
     def se(self) -> dict[str, float]:
@@ -122,6 +126,7 @@ class EvalResult:
             "target_mc_se": self.target_mc_se,
             "draw_sd": clean(self.draw_sd),
             "num_dims": self.num_dims,
+            "processes": self.processes,
         }
 
 
@@ -182,6 +187,7 @@ def evaluate(
     batch_size: int = 256,
     max_batches: int | None = None,
     channels_last: bool = False,
+    shard: bool = True,
 ) -> EvalResult:
     """Every ELBO term of ``model`` on ``dataset`` (module docstring), in eval mode.
 
@@ -195,8 +201,13 @@ def evaluate(
     :param max_draws: the most draws per example (a cap against a target that cannot be met).
     :param min_draws: at least this many draws (2 gives ``mc_se``), budget permitting.
     :param channels_last: feed image batches in ``torch.channels_last`` (as the model is).
+    :param shard: in a ``torchrun`` group, every process calls this and evaluates its own
+        contiguous share of the examples (each exactly once), on a random stream of its own;
+        the per-example values are gathered after each draw, so the statistics, the stopping
+        decision and the result (``processes`` records the group's size) are those of one
+        process holding every example. ``False``: this process alone evaluates everything.
     """
-    from genkit.data import batch_tensor, make_eval_loader
+    from genkit.data import RowRange, batch_tensor, make_eval_loader
     from genkit.errors import DataError, InvalidParameterError, NonFiniteError
 
     for name, value in (("mc_se", mc_se), ("max_nfe", max_nfe)):
@@ -218,6 +229,42 @@ def evaluate(
             "it can be evaluated only by its own elbo(x), without an estimator or parameters"
         )
     device = model.device
+    rank, size = collective.rank_and_size() if shard else (0, 1)
+    first, last = collective.shard_bounds(len(dataset), rank, size)
+    part = dataset if size == 1 else (RowRange(dataset, first, last) if last > first else [])
+
+    def one_draw() -> dict[str, Any]:
+        """This process's share of one draw: per-example values, network evaluations, count;
+        ``costly`` (the cost of one call) when that alone passes ``max_nfe``."""
+        draw: dict[str, list[Tensor]] = {}
+        nfe: float | None = 0.0
+        count, names = 0, ([], [])
+        for i, batch in enumerate(make_eval_loader(part, batch_size)):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = batch_tensor(batch).to(device)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = call(x)
+            names = (list(out.terms), list(out.extras))
+            values = {
+                **out.terms,
+                **out.extras,
+                "elbo": out.total,
+                "bits_per_dim": out.bits_per_dim(),
+            }
+            for k, v in values.items():
+                draw.setdefault(k, []).append(v.detach().double().cpu())
+            if out.nfe is None or nfe is None:
+                nfe = None
+            else:
+                nfe += out.nfe * x.shape[0]
+                if max_nfe is not None and acc.draws == 0 and i == 0 and out.nfe > max_nfe:
+                    return {"costly": out.nfe}
+            count += x.shape[0]
+        values = {k: torch.cat(v) for k, v in draw.items()}
+        return {"values": values, "nfe": nfe, "count": count, "names": names}
+
     acc = _Accumulator()
     terms: list[str] = []
     extras: list[str] = []
@@ -225,67 +272,55 @@ def evaluate(
     start = time.perf_counter()
     stop = ""
     try:
-        while True:
-            draw: dict[str, list[Tensor]] = {}
-            nfe_draw: float | None = 0.0
-            count = 0
-            for i, batch in enumerate(make_eval_loader(dataset, batch_size)):
-                if max_batches is not None and i >= max_batches:
-                    break
-                x = batch_tensor(batch).to(device)
-                if channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                out = call(x)
-                terms, extras = list(out.terms), list(out.extras)
-                values = {
-                    **out.terms,
-                    **out.extras,
-                    "elbo": out.total,
-                    "bits_per_dim": out.bits_per_dim(),
-                }
-                for k, v in values.items():
-                    draw.setdefault(k, []).append(v.detach().double().cpu())
-                if out.nfe is None or nfe_draw is None:
-                    nfe_draw = None
-                else:
-                    nfe_draw += out.nfe * x.shape[0]
-                    if max_nfe is not None and acc.draws == 0 and i == 0 and out.nfe > max_nfe:
-                        raise InvalidParameterError(
-                            f"one draw of estimator '{_name(est)}' "
-                            f"costs {out.nfe:.4g} network evaluations per example, more than "
-                            f"max_nfe {max_nfe:g}; raise max_nfe or give the estimator fewer "
-                            "draws per call (e.g. t_samples=1)"
-                        )
-                count += x.shape[0]
-            if count == 0:
-                raise DataError("the evaluation split is empty")
-            acc.add({k: torch.cat(v) for k, v in draw.items()})
-            nfe_total = (
-                None if nfe_draw is None or nfe_total is None else nfe_total + nfe_draw / count
-            )
-            means, _, mc = acc.stats()
-            enough = acc.draws >= min_draws
-            if not math.isfinite(means["bits_per_dim"]) or (
-                acc.draws >= 2 and not math.isfinite(mc["bits_per_dim"])
-            ):
-                raise NonFiniteError(
-                    f"evaluation: estimator '{_name(est)}' gave non-finite bits/dim on some "
-                    "examples; its Monte-Carlo error cannot be estimated"
+        with _rank_stream(rank, size, device):
+            while True:
+                # every process's share, in rank order: contiguous shards, so the examples
+                # come back in the dataset's order and the statistics are those of one process
+                shares = collective.gather_objects(collective.agreed(one_draw))
+                costly = [s["costly"] for s in shares if "costly" in s]
+                if costly:
+                    raise InvalidParameterError(
+                        f"one draw of estimator '{_name(est)}' "
+                        f"costs {costly[0]:.4g} network evaluations per example, more than "
+                        f"max_nfe {max_nfe:g}; raise max_nfe or give the estimator fewer "
+                        "draws per call (e.g. t_samples=1)"
+                    )
+                shares = [s for s in shares if s["count"] > 0]
+                count = sum(s["count"] for s in shares)
+                if count == 0:
+                    raise DataError("the evaluation split is empty")
+                terms, extras = shares[0]["names"]
+                acc.add(
+                    {k: torch.cat([s["values"][k] for s in shares]) for k in shares[0]["values"]}
                 )
-            if mc_se is not None and enough and mc["bits_per_dim"] <= mc_se:
-                stop = "target"
-            elif mc_se is None and enough:
-                stop = "draws"
-            elif max_draws is not None and acc.draws >= max_draws:
-                stop = "max_draws"
-            elif (
-                max_nfe is not None
-                and nfe_total is not None
-                and nfe_total * (acc.draws + 1) / acc.draws > max_nfe * (1 + 1e-9)
-            ):
-                stop = "max_nfe"  # the next draw would pass the budget
-            if stop:
-                break
+                nfes = [s["nfe"] for s in shares]
+                nfe_draw = None if None in nfes else sum(nfes)
+                nfe_total = (
+                    None if nfe_draw is None or nfe_total is None else nfe_total + nfe_draw / count
+                )
+                means, _, mc = acc.stats()
+                enough = acc.draws >= min_draws
+                if not math.isfinite(means["bits_per_dim"]) or (
+                    acc.draws >= 2 and not math.isfinite(mc["bits_per_dim"])
+                ):
+                    raise NonFiniteError(
+                        f"evaluation: estimator '{_name(est)}' gave non-finite bits/dim on some "
+                        "examples; its Monte-Carlo error cannot be estimated"
+                    )
+                if mc_se is not None and enough and mc["bits_per_dim"] <= mc_se:
+                    stop = "target"
+                elif mc_se is None and enough:
+                    stop = "draws"
+                elif max_draws is not None and acc.draws >= max_draws:
+                    stop = "max_draws"
+                elif (
+                    max_nfe is not None
+                    and nfe_total is not None
+                    and nfe_total * (acc.draws + 1) / acc.draws > max_nfe * (1 + 1e-9)
+                ):
+                    stop = "max_nfe"  # the next draw would pass the budget
+                if stop:
+                    break
     finally:
         model.train(was_training)
     means, se, mc = acc.stats()
@@ -305,7 +340,22 @@ def evaluate(
         stop=stop,
         target_mc_se=mc_se,
         draw_sd=acc.draw_sd("bits_per_dim"),
+        processes=size,
     )
+
+
+@contextlib.contextmanager
+def _rank_stream(rank: int, size: int, device: torch.device) -> Iterator[None]:
+    """In a group of ``size > 1``, run the block on a random stream of this rank's own (the
+    caller's seed plus the rank), so that the draws of examples on different ranks are
+    independent, as ``mc_se`` needs; the caller's stream is left as it was."""
+    if size == 1:
+        yield
+        return
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(torch.initial_seed() + 1_000_003 * rank)
+        yield
 
 
 def _name(estimator: Any) -> str:

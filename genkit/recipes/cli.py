@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -47,57 +48,95 @@ def run(
     Everything in the recipe is checked before anything trains. Running it again skips
     finished runs and resumes an interrupted one, when the run folder was made by the same
     settings, data and genkit version; one process writes to an output folder at a time.
+    Under torchrun each run trains with DDP and is evaluated by every process, each on its
+    share of the test examples; rank 0 writes.
 
     \b
     genkit run recipes/compare_vae_vdm.toml
     genkit run recipes/compare_vae_vdm.toml --only vdm_continuous --set budget.minutes=5
+    torchrun --nproc_per_node=4 -m genkit run recipes/cifar10_gpu.toml
     """
+    from genkit import collective
     from genkit.data.identity import data_identity
     from genkit.data.reader import check_splits
-    from genkit.errors import ConfigError
+    from genkit.errors import ConfigError, GenkitError
     from genkit.files import output_lock
     from genkit.recipes.report import plain, write_report
     from genkit.recipes.runner import finished_rows, plan, prepare, run_one
     from genkit.recipes.schema import load_recipe
+    from genkit.training import distributed
     from genkit.training.cli import open_split
 
     began = time.perf_counter()
-    recipe = load_recipe(recipe_path, sets)
-    if out is None and recipe.out is None:
-        raise ConfigError(
-            f'{recipe.source} names no output folder: add out = "runs/{recipe.name}" to it, '
-            "or pass --out DIR"
-        )
-    out = Path(out if out is not None else recipe.out)
-    train_ds = open_split(recipe.data, "train", cache_dir=cache_dir)
-    test_ds = open_split(recipe.data, "test", cache_dir=cache_dir)
-    check_splits(train_ds, test_ds)
-    data = data_identity(recipe.data, cache_dir)
-    prepared = prepare(recipe, train_ds, test_ds, list(only) or None, data)
-    echo = (lambda _text: None) if quiet else (lambda text: click.echo(text, err=True))
-    with output_lock(out, "genkit run"):
-        actions = plan(prepared, out, rerun_changed)
-        echo(f"{recipe.name}: {len(prepared)} runs on {recipe.data}, output in {out}")
-        for item in prepared:
-            row = run_one(
-                recipe,
-                item,
-                out,
-                train_ds,
-                test_ds,
-                action=actions[item.spec.name],
-                quiet=quiet,
-                echo=echo,
+    try:  # the process group's backend follows the recipe's device (nccl for CUDA)
+        device = str(load_recipe(recipe_path, sets).train.get("device", "auto"))
+    except GenkitError:
+        device = "auto"  # the error is reported below, by every rank alike
+    dist_info = distributed.init_from_env(device)
+    main = dist_info.is_main
+
+    def setup():
+        recipe = load_recipe(recipe_path, sets)
+        if out is None and recipe.out is None:
+            raise ConfigError(
+                f'{recipe.source} names no output folder: add out = "runs/{recipe.name}" to '
+                "it, or pass --out DIR"
             )
-            if row is None:
-                click.echo(f"{item.spec.name} stopped by a signal; run the recipe again to resume")
+        train_ds = open_split(recipe.data, "train", cache_dir=cache_dir)
+        test_ds = open_split(recipe.data, "test", cache_dir=cache_dir)
+        check_splits(train_ds, test_ds)
+        data = data_identity(recipe.data, cache_dir)
+        prepared = prepare(recipe, train_ds, test_ds, list(only) or None, data)
+        return (
+            recipe,
+            Path(out if out is not None else recipe.out),
+            train_ds,
+            test_ds,
+            data,
+            prepared,
+        )
+
+    echo = (lambda _text: None) if quiet or not main else (lambda text: click.echo(text, err=True))
+    try:
+        # every rank checks the recipe; one rank's error stops all with its line
+        recipe, out, train_ds, test_ds, data, prepared = collective.agreed(setup)
+        with contextlib.ExitStack() as held:
+            # rank 0 holds the lock and decides what to do with each run; the others follow
+            collective.agreed(
+                lambda: held.enter_context(output_lock(out, "genkit run")) if main else None
+            )
+            actions = collective.broadcast(
+                collective.agreed(lambda: plan(prepared, out, rerun_changed) if main else None)
+            )
+            echo(f"{recipe.name}: {len(prepared)} runs on {recipe.data}, output in {out}")
+            for item in prepared:
+                row = run_one(
+                    recipe,
+                    item,
+                    out,
+                    train_ds,
+                    test_ds,
+                    action=actions[item.spec.name],
+                    quiet=quiet or not main,
+                    echo=echo,
+                )
+                if row is None:
+                    if main:
+                        click.echo(
+                            f"{item.spec.name} stopped by a signal; run the recipe again to resume"
+                        )
+                    return
+            if not main:
                 return
-        # every finished run of the recipe, --only or not, made by its present settings
-        rows = finished_rows(recipe, out, data, echo)
-        seconds = time.perf_counter() - began
-        info = {k: v for k, v in attrs.asdict(recipe).items() if k not in ("runs", "source")}
-        info["source"] = recipe.source
-        info["data_identity"] = data
-        paths = write_report(out, rows, info, seconds)
+            # every finished run of the recipe, --only or not, made by its present settings
+            rows = finished_rows(recipe, out, data, echo)
+            seconds = time.perf_counter() - began
+            info = {k: v for k, v in attrs.asdict(recipe).items() if k not in ("runs", "source")}
+            info["source"] = recipe.source
+            info["data_identity"] = data
+            info["processes"] = dist_info.world_size
+            paths = write_report(out, rows, info, seconds)
+    finally:
+        distributed.shutdown()
     click.echo(plain(rows))
     click.echo(f"{len(rows)} runs in {seconds:.0f} s; report: {', '.join(str(p) for p in paths)}")

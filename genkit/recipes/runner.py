@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 import torch
 
-from genkit import provenance
+from genkit import collective, provenance
 from genkit.elbo import LN2
 from genkit.errors import ConfigError, GenkitError
 from genkit.recipes.schema import Budget, EvalSettings, Recipe, RunSpec
@@ -282,7 +282,9 @@ def run_one(
 ) -> dict[str, Any] | None:
     """Train, evaluate and sample one run as :func:`plan` decided (``action``); its report
     row (also written to ``runs/NAME/result.json``), or ``None`` if a signal stopped it (after
-    its checkpoint)."""
+    its checkpoint). Under ``torchrun`` every rank calls it: the run trains with DDP and its
+    evaluation is sharded (:func:`genkit.evaluation.evaluate`); rank 0 alone moves, samples
+    and writes files."""
     from genkit.registry import create_model
     from genkit.training import checkpoint as ckpt
     from genkit.training.logging import image_grid, save_png
@@ -294,8 +296,10 @@ def run_one(
     if action == SKIP:
         echo(f"{spec.name}: finished before, skipped (same settings and data: {result_path})")
         return read_result(result_path)
-    if action == REPLACE:
-        echo(f"{spec.name}: made by other settings or data; moved to {move_aside(out, spec.name)}")
+    main = collective.is_main()
+    if action == REPLACE:  # rank 0 moves; the others wait, and stop with it if it fails
+        moved = collective.agreed(lambda: move_aside(out, spec.name) if main else None)
+        echo(f"{spec.name}: made by other settings or data; moved to {moved}")
     resume = action == RESUME
     echo(f"{spec.name}: {'resuming' if resume else 'training'} {spec.model} ({_budget(run)})")
     torch.manual_seed(run.config.seed)
@@ -313,6 +317,8 @@ def run_one(
     if trainer.interrupted or result is None:
         return None
 
+    if not main:  # rank 0 samples and writes; the others have trained and evaluated
+        return {"run": spec.name}
     images_per_second, grid = None, None
     if run.eval.samples > 0:
         began = time.perf_counter()

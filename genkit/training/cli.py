@@ -59,7 +59,11 @@ def open_split(spec: str, split: str, required: bool = True, cache_dir: Path | N
 
 
 def open_run_data(
-    info: dict[str, Any], data: str | None, split: str, cache_dir: Path | None
+    info: dict[str, Any],
+    data: str | None,
+    split: str,
+    cache_dir: Path | None,
+    echo: Any = lambda line: click.echo(line, err=True),
 ) -> Any:
     """The split ``split`` of the data a run was trained on (``info``: its ``config.json``), or
     of ``data`` when given, which is said on stderr. Data that changed since the run was
@@ -68,7 +72,7 @@ def open_run_data(
     if data is not None:
         spec = data_spec(data)
         if spec != recorded:
-            click.echo(f"evaluating on {spec} (--data), not the run's data {recorded}", err=True)
+            echo(f"evaluating on {spec} (--data), not the run's data {recorded}")
         return open_split(spec, split, cache_dir=cache_dir)
     if recorded is None:
         raise ConfigError("the run's config.json names no data; pass --data FILE.h5|builtin:NAME")
@@ -228,7 +232,7 @@ def load_run(
         weights = state["best"]["ema"]
         info["weights"] = f"best EMA (step {state['best']['step']}, by validation)"
     ckpt.load_module_state(model, weights, path, "model")
-    device = distributed.resolve_device(device, distributed.DistInfo())
+    device = distributed.resolve_device(device, distributed.current())
     memory_format = torch.channels_last if channels_last(info, model) else torch.preserve_format
     model.to(device, memory_format=memory_format).eval()
     return model, info, path
@@ -321,79 +325,101 @@ def eval_(
     genkit eval runs/vdm --metrics fid,kid --samples 1000 --sample-param steps=50
     genkit eval diffusers:PIPELINE_DIR --data cifar10.h5 --json ddpm.json
     """
+    from genkit import collective
     from genkit.evaluation import evaluate
     from genkit.features import format_sample_metrics, parse_metric_flags, prepare_sample_metrics
 
-    for flag, value in (("--mc-se", mc_se), ("--max-nfe", max_nfe)):
-        if not value >= 0:
-            raise ConfigError(f"{flag} must be a number >= 0 (0: none), got {value}")
-    feature_kw = dict(parse_pairs(feature_params, option="--feature-param"))
-    sample_kw = dict(parse_pairs(sample_params, option="--sample-param"))
-    metric_names = parse_metric_flags(metrics, features, feature_kw, sample_kw)
-    if str(run_dir).startswith("diffusers:"):  # a diffusers pipeline folder (docs/diffusers.md)
-        from genkit.diffusers_io import load_for_eval
+    dist_info = distributed.init_from_env(device)  # under torchrun: every rank its share
+    main = dist_info.is_main
+    echo = (lambda line: click.echo(line, err=True)) if main else (lambda _line: None)
 
-        model, info, path = load_for_eval(str(run_dir), data and data_spec(data), device)
-    else:
-        model, info, path = load_run(
-            run_dir, checkpoint=checkpoint, use_ema=not no_ema, device=device, last=last
-        )
-    estimator_params = dict(parse_pairs(params, option="--param"))
-    if metric_names is not None:
-        from genkit.model import check_sample_params
+    def setup():
+        for flag, value in (("--mc-se", mc_se), ("--max-nfe", max_nfe)):
+            if not value >= 0:
+                raise ConfigError(f"{flag} must be a number >= 0 (0: none), got {value}")
+        feature_kw = dict(parse_pairs(feature_params, option="--feature-param"))
+        sample_kw = dict(parse_pairs(sample_params, option="--sample-param"))
+        metric_names = parse_metric_flags(metrics, features, feature_kw, sample_kw)
+        if str(run_dir).startswith("diffusers:"):  # a diffusers pipeline folder
+            from genkit.diffusers_io import load_for_eval
 
-        check_sample_params(model, sample_kw, info["model"]["name"], "--sample-param")
-        measure = prepare_sample_metrics(
-            model,
-            data_spec(data) if data is not None else info["data"],
-            features=features,
-            feature_params=feature_kw,
-            cache_dir=cache_dir,
-            echo=lambda line: click.echo(line, err=True),
+            model, info, path = load_for_eval(str(run_dir), data and data_spec(data), device)
+        else:
+            model, info, path = load_run(
+                run_dir, checkpoint=checkpoint, use_ema=not no_ema, device=device, last=last
+            )
+        estimator_params = dict(parse_pairs(params, option="--param"))
+        measure = None
+        if metric_names is not None and main:  # rank 0 samples and measures
+            from genkit.model import check_sample_params
+
+            check_sample_params(model, sample_kw, info["model"]["name"], "--sample-param")
+            measure = prepare_sample_metrics(
+                model,
+                data_spec(data) if data is not None else info["data"],
+                features=features,
+                feature_params=feature_kw,
+                cache_dir=cache_dir,
+                echo=echo,
+            )
+        name = estimator
+        if name is None:
+            name = info["train"].get("eval_estimator")
+            if not params:
+                estimator_params = dict(info["train"].get("eval_estimator_params") or {})
+        dataset = open_run_data(info, data, split, cache_dir, echo)
+        if tuple(dataset.data_shape) != tuple(model.data_shape):
+            raise DataError(
+                f"'{dataset.path}' split '{split}' holds items of shape "
+                f"{tuple(dataset.data_shape)}, but the run's model is for {tuple(model.data_shape)}"
+            )
+        return model, info, path, name, estimator_params, dataset, metric_names, sample_kw, measure
+
+    try:
+        # one rank's bad input stops every rank with its line
+        model, info, path, name, estimator_params, dataset, metric_names, sample_kw, measure = (
+            collective.agreed(setup)
         )
-    if estimator is None:
-        estimator = info["train"].get("eval_estimator")
-        if not params:
-            estimator_params = dict(info["train"].get("eval_estimator_params") or {})
-    dataset = open_run_data(info, data, split, cache_dir)
-    if tuple(dataset.data_shape) != tuple(model.data_shape):
-        raise DataError(
-            f"'{dataset.path}' split '{split}' holds items of shape {tuple(dataset.data_shape)}, "
-            f"but the run's model is for {tuple(model.data_shape)}"
+        torch.manual_seed(seed)
+        result = collective.agreed(
+            lambda: evaluate(
+                model,
+                dataset,
+                estimator=name,
+                params=estimator_params,
+                mc_se=mc_se or None,
+                max_nfe=max_nfe or None,
+                batch_size=batch_size,
+                channels_last=channels_last(info, model),
+            )
         )
-    torch.manual_seed(seed)
-    result = evaluate(
-        model,
-        dataset,
-        estimator=estimator,
-        params=estimator_params,
-        mc_se=mc_se or None,
-        max_nfe=max_nfe or None,
-        batch_size=batch_size,
-        channels_last=channels_last(info, model),
-    )
-    click.echo(
-        format_result(
-            result,
-            title=f"{split} split, {result.count} examples, estimator {result.estimator}, "
-            f"{info['weights']} weights of {path.name}",
+        if not main:
+            return
+        processes = f", {result.processes} processes" if result.processes > 1 else ""
+        click.echo(
+            format_result(
+                result,
+                title=f"{split} split, {result.count} examples{processes}, estimator "
+                f"{result.estimator}, {info['weights']} weights of {path.name}",
+            )
         )
-    )
-    document = result.to_json(checkpoint=str(path))
-    if metric_names is not None:
-        quality = measure(
-            metrics=metric_names,
-            samples=samples,
-            sample_params=sample_kw,
-            seed=seed,
-            batch_size=batch_size,
-            progress=True,
-        )
-        click.echo(format_sample_metrics(quality))
-        document["sample_metrics"] = quality
-    if json_out is not None:
-        text = json.dumps(document, indent=2) + "\n"
-        ckpt.write_atomic(json_out, lambda f: f.write(text.encode()), what="evaluation JSON")
+        document = result.to_json(checkpoint=str(path))
+        if measure is not None:
+            quality = measure(
+                metrics=metric_names,
+                samples=samples,
+                sample_params=sample_kw,
+                seed=seed,
+                batch_size=batch_size,
+                progress=True,
+            )
+            click.echo(format_sample_metrics(quality))
+            document["sample_metrics"] = quality
+        if json_out is not None:
+            text = json.dumps(document, indent=2) + "\n"
+            ckpt.write_atomic(json_out, lambda f: f.write(text.encode()), what="evaluation JSON")
+    finally:
+        distributed.shutdown()
 
 
 @click.command("sample")

@@ -10,6 +10,7 @@ through that environment-variable rendezvous (so multi-machine ``torchrun`` work
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import attrs
@@ -67,8 +68,29 @@ def init_from_env(device: str = "auto") -> DistInfo:
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(local % torch.cuda.device_count())
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
+    dist.init_process_group(
+        backend="nccl" if use_cuda else "gloo",
+        init_method="env://",
+        timeout=datetime.timedelta(seconds=timeout_seconds()),
+    )
     return current()
+
+
+#: The environment variable that bounds every collective, in seconds (default 1800): a rank
+#: whose peer has died or hangs gives up after this long instead of waiting for ever.
+TIMEOUT_ENV = "GENKIT_DIST_TIMEOUT"
+
+
+def timeout_seconds() -> float:
+    """The collectives' timeout (``GENKIT_DIST_TIMEOUT``, seconds > 0; default 1800)."""
+    text = os.environ.get(TIMEOUT_ENV, "1800")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {text!r}")
+    return value
 
 
 def shutdown() -> None:

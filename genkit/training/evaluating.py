@@ -97,20 +97,22 @@ class EvaluationMixin:
                 channels_last=self._channels_last,
             )
 
-    def evaluate_and_log(self) -> dict[str, float] | None:
-        """The periodic evaluation (rank 0): the terms on the validation split to ``val/*``
-        (else on the test split to ``eval/*``), the best weights kept with ``keep_best``, a
-        sample grid for image data, then ``on_eval_end``."""
-        if not self.is_main:
-            return None
+    def evaluate_and_log(self) -> dict[str, float]:
+        """The periodic evaluation: the terms on the validation split to ``val/*`` (else on
+        the test split to ``eval/*``), the best weights kept with ``keep_best``, a sample
+        grid for image data, then ``on_eval_end``. Under DDP every rank evaluates its share
+        of the examples (:func:`genkit.evaluation.evaluate`) and so knows the result and the
+        best weights; rank 0 logs, samples and calls the hook."""
         validation = self.validation_dataset is not None
         result = self.evaluate_detailed(
             max_batches=self.config.eval_batches, dataset=self._periodic_dataset()
         )
         self._record_eval(result, "validation" if validation else "test")
-        self.logger.scalars("val" if validation else "eval", result.means, self.step)
         if self.config.keep_best:
             self._consider_best(result)
+        if not self.is_main:
+            return result.means
+        self.logger.scalars("val" if validation else "eval", result.means, self.step)
         if len(self.model.data_shape) == 3 and self.config.num_samples > 0:
             self.logger.image(
                 "samples", image_grid(self.sample(self.config.num_samples)), self.step
@@ -130,19 +132,15 @@ class EvaluationMixin:
 
     # -- internals -------------------------------------------------------------------------
     def _last_validation(self) -> None:
-        """With ``keep_best``, a periodic evaluation of the last step (rank 0) unless there
-        was one at this step: the last weights compete for the best too."""
-        if (
-            self.config.keep_best
-            and self.is_main
-            and (self.best is None or not self._evaluated_now())
-        ):
+        """With ``keep_best``, a periodic evaluation of the last step (every rank) unless
+        there was one at this step: the last weights compete for the best too."""
+        if self.config.keep_best and (self.best is None or not self._evaluated_now()):
             self.evaluate_and_log()
 
     def _final_evaluation(self) -> EvalResult | None:
         """Load the best weights into the EMA model (with ``keep_best``), then evaluate the
-        test split with them, logged to ``eval/*`` with ``on_eval_end``; ``None`` without a
-        test split."""
+        test split with them (every rank its share), logged to ``eval/*`` with
+        ``on_eval_end``; ``None`` without a test split."""
         if self.best is not None:  # evaluate and sample the best weights from here on
             self.ema_model.load_state_dict(self.best["ema"])
         if self.test_dataset is None:

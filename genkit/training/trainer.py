@@ -469,7 +469,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         """The last checkpoint, then the test split with the EMA weights (the best ones with
         ``keep_best``) and ``on_eval_end``."""
         self._last_validation()  # with keep_best the last step competes too
-        # with keep_best always (a collective under DDP, where only rank 0 knows the best)
+        # with keep_best always: the checkpoint then holds the best weights the final
+        # evaluation uses (a collective under DDP)
         if self.step != self._checkpointed_step or self.config.keep_best:
             self.save_checkpoint()
         return self._final_evaluation()
