@@ -222,7 +222,7 @@ def load_for_eval(
             f"{spec}: a diffusers pipeline names no data; pass --data FILE.h5|builtin:NAME"
         )
     model = from_diffusers(folder)
-    model.to(distributed.resolve_device(device, distributed.DistInfo()))
+    model.to(distributed.resolve_device(device, distributed.current()))
     info = {"data": data, "train": {}, "model": {"name": "vdm"}, "weights": "diffusers"}
     return model, info, folder
 
