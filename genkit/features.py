@@ -9,6 +9,7 @@ with the floor: the same metrics for as many train examples against the same tes
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from genkit import collective
 from genkit.metrics import SampleMetrics, check_metrics
 
 #: What a report names as the reference set.
@@ -112,6 +114,12 @@ def _add_rows(
         metrics.update(_features(extractor, x), real=real)
 
 
+def block_seed(seed: int, block: int) -> int:
+    """The seed of the ``block``-th batch of samples drawn with ``seed`` (distinct for every
+    pair, whatever the number of processes that draw the blocks)."""
+    return int(np.random.SeedSequence([seed, block]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def sample_metrics(
     model: torch.nn.Module,
     extractor: Any,
@@ -128,9 +136,11 @@ def sample_metrics(
 ) -> dict[str, Any]:
     """The sample-quality block of ``genkit eval``'s JSON (``sample_metrics``).
 
-    ``samples`` images are drawn from ``model`` in batches of ``batch_size`` (generator seeded
-    with ``seed``) and compared with the whole test split through ``extractor``; only the
-    features are kept. With ``floor``, ``samples`` train examples (a seeded random subset; all
+    ``samples`` images are drawn from ``model`` in batches of ``batch_size`` (batch ``b``
+    from a generator seeded by ``(seed, b)``: :func:`block_seed`) and compared with the whole
+    test split through ``extractor``; only the features are kept. Under ``torchrun`` every
+    process calls it and draws its share of the batches; the features are gathered in batch
+    order, so the figures are those of one process (on the same kind of device). With ``floor``, ``samples`` train examples (a seeded random subset; all
     of them if fewer) are compared with the same test features: data against data, the best a
     model can show with this many samples.
 
@@ -153,19 +163,27 @@ def sample_metrics(
             if floor_m is not None:
                 floor_m.update(f, real=True)
             bar.update(len(x))
-    generator = torch.Generator(device).manual_seed(seed)
+    # Block b of batch_size samples is drawn from its own generator, seeded by (seed, b), and
+    # under torchrun by rank b mod world size; the features come back in block order, so the
+    # figures do not depend on how many processes drew them.
+    rank, size = collective.rank_and_size()
+    blocks = range(rank, math.ceil(samples / batch_size), size)
+    mine: list[tuple[int, Tensor]] = []
     sample_seconds = 0.0
-    with _progress(samples, "samples", progress) as bar:
-        done = 0
-        while done < samples:
-            n = min(batch_size, samples - done)
+    with _progress(samples, "samples", progress and rank == 0) as bar:
+        for b in blocks:
+            n = min(batch_size, samples - b * batch_size)
+            generator = torch.Generator(device).manual_seed(block_seed(seed, b))
             t0 = time.perf_counter()
             with torch.no_grad():
                 x = model.sample(n, generator=generator, **sample_params)
             sample_seconds += time.perf_counter() - t0
-            model_m.update(_features(extractor, x.float().clamp(-1, 1)), real=False)
-            done += n
-            bar.update(n)
+            mine.append((b, _features(extractor, x.float().clamp(-1, 1)).double().cpu()))
+            bar.update(n * size)
+    gathered = collective.gather_objects((mine, sample_seconds))
+    for _, features in sorted(block for part, _ in gathered for block in part):
+        model_m.update(features.to(device), real=False)
+    sample_seconds = sum(seconds for _, seconds in gathered)
     out_model = model_m.compute()
     out_floor = None
     if floor_m is not None:
@@ -288,6 +306,7 @@ def run_sample_metrics(
     seed: int,
     echo: Callable[[str], None] = print,
     progress: bool = False,
+    floor: bool = True,
 ) -> dict[str, Any]:
     """A recipe run's ``sample_metrics`` from its ``[eval]`` settings (``metrics``,
     ``metric_samples``, ``features``, ``feature_params``, ``batch_size``), the splits the
@@ -311,4 +330,50 @@ def run_sample_metrics(
         seed=seed,
         batch_size=settings.batch_size,
         progress=progress,
+        floor=floor,
     )
+
+
+def quality_curve(
+    model: torch.nn.Module,
+    train: Any,
+    test: Any,
+    settings: Any,
+    *,
+    quality: Mapping[str, Any],
+    sample_params: Mapping[str, Any],
+    seed: int,
+    echo: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Sample quality against sampling cost: one point per ``settings.metric_steps`` for a
+    model whose ``sample()`` takes ``steps`` (each the metrics of ``metric_samples`` samples
+    drawn with that many steps, and the seconds per image), or the one point ``quality`` (the
+    run's own sampler) for a model with one sampler cost."""
+    import inspect
+
+    def point(steps: int | None, block: Mapping[str, Any]) -> dict[str, Any]:
+        values = {name: entry["value"] for name, entry in block["metrics"].items()}
+        stds = {
+            f"{n}_std": e["std"] for n, e in block["metrics"].items() if e.get("std") is not None
+        }
+        return {
+            "steps": steps,
+            "seconds_per_image": block["sample_seconds_per_image"],
+            **values,
+            **stds,
+        }
+
+    takes_steps = "steps" in inspect.signature(model.sample).parameters
+    if not settings.metric_steps or not takes_steps:
+        return [point(sample_params.get("steps"), quality)]
+    curve = []
+    for steps in sorted(settings.metric_steps):
+        if steps == sample_params.get("steps"):
+            block = quality
+        else:
+            block = run_sample_metrics(
+                model, train, test, settings,
+                sample_params={**sample_params, "steps": steps}, seed=seed, echo=echo, floor=False,
+            )  # fmt: skip
+        curve.append(point(steps, block))
+    return curve

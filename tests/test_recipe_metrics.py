@@ -37,12 +37,23 @@ feature_params = {{ steps = 20 }}
 name = "vae"
 model = "vae"
 params = {{ latent_dim = 2, hidden = 16, net = "mlp" }}
+{extra}"""
+
+VDM = """
+[[runs]]
+name = "vdm"
+model = "vdm"
+params = { timesteps = 10, denoiser = "mlp", hidden = 16, depth = 1 }
+sample_params = { steps = 3 }
+eval = { metric_steps = [2, 5], max_nfe = 40 }
 """
 
 
-def recipe(tmp_path: Path, metrics='["fid", "kid"]', features="classifier") -> Path:
+def recipe(tmp_path: Path, metrics='["fid", "kid"]', features="classifier", extra="") -> Path:
     path = tmp_path / "quality.toml"
-    path.write_text(RECIPE.format(out=tmp_path / "out", metrics=metrics, features=features))
+    path.write_text(
+        RECIPE.format(out=tmp_path / "out", metrics=metrics, features=features, extra=extra)
+    )
     return path
 
 
@@ -76,3 +87,23 @@ def test_bad_names_are_one_line_before_training(tmp_path, metrics, features, mes
     text = invoke("run", recipe(tmp_path, metrics, features), code=1)
     assert message in text and len(text.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_quality_against_sampling_cost(tmp_path, monkeypatch):
+    """A VDM gets a point per metric_steps (and none of its own steps twice), the VAE the one
+    point of its sampler; the plot and the table are written."""
+    monkeypatch.setenv("GENKIT_CACHE", str(tmp_path / "cache"))
+    invoke("run", recipe(tmp_path, extra=VDM), "--quiet")
+    out = tmp_path / "out"
+    rows = {r["run"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    vae, vdm = rows["vae"]["quality_curve"], rows["vdm"]["quality_curve"]
+    assert [p["steps"] for p in vae] == [None]
+    assert vae[0]["fid"] == rows["vae"]["sample_metrics"]["metrics"]["fid"]["value"]
+    assert [p["steps"] for p in vdm] == [2, 5]
+    assert all(p["fid"] > 0 and p["seconds_per_image"] > 0 and p["kid_std"] >= 0 for p in vdm)
+    # more steps cost more time per image (5 network calls against 2)
+    assert vdm[1]["seconds_per_image"] > vdm[0]["seconds_per_image"]
+    assert (out / "quality_vs_sampling_cost.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "results.md").read_text()
+    assert "## Sample quality against sampling cost" in md
+    assert "| vdm | 2 |" in md and "| vdm | 5 |" in md and "| vae | one sampler |" in md

@@ -21,6 +21,8 @@ from genkit.training.checkpoint import write_atomic
 
 #: The plot's file name in the output folder.
 PLOT = "bits_per_dim_vs_time.png"
+#: The plot of sample quality against sampling cost (recipes with metrics).
+QUALITY_PLOT = "quality_vs_sampling_cost.png"
 
 
 def _num(value: Any, digits: int = 4) -> str:
@@ -167,6 +169,7 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = "") -> str:
             "examples against the test split (data against data: the best a model can show). "
             "Classifier-feature FIDs are not comparable with Inception FIDs.",
         ]
+    lines += quality_table(rows)
     return "\n".join(lines) + "\n"
 
 
@@ -213,7 +216,76 @@ def write_report(
     ):
         paths.append(write_atomic(out / name, lambda f, t=text: f.write(t.encode()), what="report"))
     paths.append(plot(out / PLOT, rows, curves))
+    if any(row.get("quality_curve") for row in rows):
+        quality = f"{recipe.get('name', 'recipe')}: sample quality on {recipe.get('data', '?')}"
+        paths.append(quality_plot(out / QUALITY_PLOT, rows, quality))
     return paths
+
+
+def quality_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines: each run's sample quality at each sampling cost (its ``quality_curve``)."""
+    rows = [r for r in rows if r.get("quality_curve")]
+    if not rows:
+        return []
+    names = [n for n in ("fid", "kid", "precision", "recall") if n in rows[0]["quality_curve"][0]]
+    lines = [
+        "",
+        "## Sample quality against sampling cost",
+        "",
+        "| run | sampling steps | s/image | " + " | ".join(names) + " |",
+        "|---|---|---|" + "|".join("---" for _ in names) + "|",
+    ]
+    for row in rows:
+        for p in row["quality_curve"]:
+            cells = []
+            for n in names:
+                std = p.get(f"{n}_std")
+                cells.append(_num(p.get(n), 3) + (f" ± {_num(std, 3)}" if std is not None else ""))
+            steps = "one sampler" if p.get("steps") is None else str(p["steps"])
+            lines.append(
+                f"| {row['run']} | {steps} | {_num(p.get('seconds_per_image'), 4)} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return lines
+
+
+def quality_plot(path: Path, rows: Sequence[dict[str, Any]], title: str) -> Path:
+    """FID against the seconds per sampled image, as in the DDIM paper: a line through a VDM's
+    step counts (each point labelled), one point for a model with one sampler cost; PNG,
+    written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=110)
+    for row in rows:
+        points = [p for p in row.get("quality_curve") or [] if p.get("fid") is not None]
+        if not points:
+            continue
+        xs = [p["seconds_per_image"] for p in points]
+        ys = [p["fid"] for p in points]
+        (line,) = ax.plot(xs, ys, marker="o", ms=4, label=row["run"])
+        for p, x, y in zip(points, xs, ys, strict=True):
+            if p.get("steps") is not None:
+                ax.annotate(str(p["steps"]), (x, y), textcoords="offset points", xytext=(3, 3),
+                            fontsize=7, color=line.get_color())  # fmt: skip
+        floor = ((row.get("sample_metrics") or {}).get("floor") or {}).get("fid")
+        if floor and floor.get("value") is not None:
+            ax.axhline(floor["value"], color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("sampling seconds per image (labels: sampling steps)")
+    ax.set_ylabel("FID (dotted: the floor, train vs test)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    data = buffer.getvalue()
+    return write_atomic(path, lambda f: f.write(data), what="plot")
 
 
 def plot(path: Path, rows: Sequence[dict[str, Any]], title: str) -> Path:

@@ -317,18 +317,9 @@ def run_one(
     if trainer.interrupted or result is None:
         return None
 
-    if not main:  # rank 0 samples and writes; the others have trained and evaluated
-        return {"run": spec.name}
-    images_per_second, grid = None, None
-    if run.eval.samples > 0:
-        began = time.perf_counter()
-        x = trainer.sample(run.eval.samples, seed=run.config.seed)
-        images_per_second = run.eval.samples / (time.perf_counter() - began)
-        if x.dim() == 4:
-            grid = save_png(image_grid(x.float().cpu()), out / "samples" / f"{spec.name}.png")
-    quality = None
-    if run.eval.metrics:
-        from genkit.features import run_sample_metrics
+    quality, curve = None, None
+    if run.eval.metrics:  # every rank draws its share of the samples
+        from genkit.features import quality_curve, run_sample_metrics
 
         quality = run_sample_metrics(
             trainer.ema_model,
@@ -340,6 +331,25 @@ def run_one(
             echo=echo,
             progress=not quiet,
         )
+        curve = quality_curve(
+            trainer.ema_model,
+            train_ds,
+            test_ds,
+            run.eval,
+            quality=quality,
+            sample_params=run.config.sample_params,
+            seed=run.config.seed,
+            echo=echo,
+        )
+    if not main:  # rank 0 draws the grid and writes; the others have done their share
+        return {"run": spec.name}
+    images_per_second, grid = None, None
+    if run.eval.samples > 0:
+        began = time.perf_counter()
+        x = trainer.sample(run.eval.samples, seed=run.config.seed)
+        images_per_second = run.eval.samples / (time.perf_counter() - began)
+        if x.dim() == 4:
+            grid = save_png(image_grid(x.float().cpu()), out / "samples" / f"{spec.name}.png")
     bits = result.bits()
     scale = result.num_dims * LN2
     row = {
@@ -367,6 +377,7 @@ def run_one(
         "sample_params": spec.sample_params,
         "sample_grid": str(grid) if grid is not None else None,
         "sample_metrics": quality,
+        "quality_curve": curve,
         "curve": trainer.eval_history,
         "train_config": config_dict(run.config),
         provenance.KEY: run.made_by,

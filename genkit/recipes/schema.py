@@ -102,6 +102,10 @@ class EvalSettings:
     metric_samples: int = attrs.field(default=1000, validator=v.ge(4))
     features: str = "classifier"
     feature_params: dict[str, Any] = attrs.field(factory=dict)
+    #: Quality against sampling cost (the DDIM paper's plot): for a model whose ``sample()``
+    #: takes ``steps`` (a VDM), the metrics again at each of these step counts, with the
+    #: seconds per image; a model with one sampler cost (VAE, MHVAE) gives one point.
+    metric_steps: list[int] = attrs.field(factory=list, validator=v.deep_iterable(v.ge(1)))
 
 
 #: A run's name is a folder's name (``OUT/runs/NAME``): letters, digits, ``_``, ``.``, ``-``.
