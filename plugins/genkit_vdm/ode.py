@@ -26,7 +26,8 @@ VDM's generative model only for a perfect denoiser), up to the solver's error.
 **Data scale.** ``z_start = alpha_start y`` for data ``y``, so
 ``log p(y) = log p_start(alpha_start y) + D log alpha_start``. Vector data (a ``gaussian``
 decoder likelihood) report this density of ``x`` (nats, a density: it may be positive).
-8-bit images (a ``discretized_gaussian`` decoder) report a lower bound on the log-probability of
+8-bit images (a ``discretized_gaussian`` likelihood; the continuous VDM's ``decoder``, softmax or
+bin mass, does not enter) report a lower bound on the log-probability of
 the discrete data under uniform dequantization (Theis et al. 2016; Ho et al. 2019): with bins of
 width ``w = 2/255`` on genkit's scale (``x = k/127.5 - 1``) and ``u ~ U(-1/255, 1/255)^D``::
 
