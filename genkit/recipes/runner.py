@@ -79,8 +79,11 @@ def _reraise(exc: GenkitError, where: str) -> GenkitError:
 
 
 def describe_decoder(model: torch.nn.Module) -> str:
-    """The decoder likelihood a model ends in, for the report (``discretized_gaussian``, ...)."""
+    """The decoder likelihood a model ends in, for the report (``discretized_gaussian``, ...):
+    the decoder's own ``description`` when it has one (a string), else its likelihood's name."""
     decoder = getattr(model, "decoder", None)
+    if isinstance(getattr(decoder, "description", None), str):
+        return decoder.description
     for attr in ("likelihood", "lik"):
         kind = getattr(decoder, attr, None)
         if isinstance(kind, str):

@@ -75,6 +75,14 @@ class ContinuousReverseProcess(ReverseProcess):
         #: ``p(x|z_0)`` for 8-bit images: ``softmax`` (Kingma et al.) or ``bin_mass`` (DDPM).
         self.grid_decoder = decoder
 
+    @property
+    def description(self) -> str:
+        """The decoder as a report names it: ``softmax over the 256 values`` or the
+        likelihood (``discretized_gaussian``: the bin mass; ``gaussian``)."""
+        if self.likelihood == "discretized_gaussian" and self.grid_decoder == "softmax":
+            return "softmax over the 256 values"
+        return self.likelihood
+
     def predict(
         self,
         z_t: Tensor,

@@ -101,3 +101,11 @@ def test_ode_dequantizes_8bit_data_under_either_decoder():
         m = _model(decoder).eval()
         with pytest.raises(InvalidParameterError, match="8-bit"):
             m.elbo(_images() + 1e-3, "ode", rtol=1e-2, atol=1e-2)
+
+
+def test_the_report_names_the_decoder():
+    from genkit.recipes.runner import describe_decoder
+
+    assert describe_decoder(_model()) == "softmax over the 256 values"
+    assert describe_decoder(_model("bin_mass")) == "discretized_gaussian"
+    assert describe_decoder(genkit.create_model("vdm", (4,), timesteps=0)) == "gaussian"
