@@ -296,6 +296,28 @@ def prepare_sample_metrics(
     return functools.partial(sample_metrics, model, extractor, train=train, test=test)
 
 
+def recipe_extractor(
+    settings: Any,
+    train: Any,
+    test: Any,
+    *,
+    device: torch.device | None = None,
+    echo: Callable[[str], None] = print,
+) -> Any:
+    """The feature extractor a recipe run's ``[eval]`` settings name (``features``,
+    ``feature_params``) on the recipe's splits: ``genkit run`` builds it once before anything
+    trains, so that missing weights or labels stop the recipe then (a classifier is trained
+    and cached at that point), and again, from the cache, for each run's metrics."""
+    context = FeatureContext(
+        data=str(train.path),
+        train=train,
+        test=test,
+        device=device if device is not None else torch.device("cpu"),
+        echo=echo,
+    )
+    return create_feature_extractor(settings.features, context, **settings.feature_params)
+
+
 def run_sample_metrics(
     model: torch.nn.Module,
     train: Any,
@@ -311,14 +333,8 @@ def run_sample_metrics(
     """A recipe run's ``sample_metrics`` from its ``[eval]`` settings (``metrics``,
     ``metric_samples``, ``features``, ``feature_params``, ``batch_size``), the splits the
     recipe opened (their file is the data the classifier cache is keyed by)."""
-    context = FeatureContext(
-        data=str(train.path),
-        train=train,
-        test=test,
-        device=next(iter(model.parameters()), torch.zeros(())).device,
-        echo=echo,
-    )
-    extractor = create_feature_extractor(settings.features, context, **settings.feature_params)
+    device = next(iter(model.parameters()), torch.zeros(())).device
+    extractor = recipe_extractor(settings, train, test, device=device, echo=echo)
     return sample_metrics(
         model,
         extractor,
