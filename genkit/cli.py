@@ -43,6 +43,25 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except GenkitError as exc:
             raise click.ClickException(str(exc)) from None
+        except (MemoryError, RuntimeError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise click.ClickException(
+                f"out of memory ({first}); ask for less at once (-n, --samples, --batch-size)"
+            ) from None
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the host's or a GPU's out-of-memory error (torch raises
+    ``OutOfMemoryError`` on CUDA, a ``RuntimeError`` on the CPU)."""
+    text = str(exc)
+    return (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or "can't allocate memory" in text
+        or "out of memory" in text.lower()
+    )
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

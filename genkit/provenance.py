@@ -28,11 +28,13 @@ def plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def made_by(settings: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
-    """The record of a run made by ``settings`` (model, parameters, train config, budget,
-    evaluation: whatever decides its result) on the data identified by ``data``
-    (:func:`genkit.data.identity.data_identity`: spec, path, size, content fingerprint)."""
+def made_by(settings: Mapping[str, Any], data: Mapping[str, Any], command: str) -> dict[str, Any]:
+    """The record of a run made by ``command`` (``genkit run``, ``genkit train``) with
+    ``settings`` (model, parameters, train config, budget, evaluation: whatever decides its
+    result) on the data identified by ``data`` (:func:`genkit.data.identity.data_identity`:
+    spec, path, size, content fingerprint)."""
     return {
+        "command": command,
         "settings": plain(dict(settings)),
         "data": plain(dict(data)),
         "genkit_version": genkit_version(),
@@ -68,10 +70,15 @@ def changes(recorded: Mapping[str, Any] | None, current: Mapping[str, Any]) -> l
         return ["the folder records nothing of what made it (an older genkit, or not a run)"]
     old, new = _flat(recorded.get("settings", {})), _flat(current.get("settings", {}))
     lines = []
-    for key in sorted(set(old) | set(new), key=lambda k: (k not in new, k)):
-        a, b = old.get(key, _MISSING), new.get(key, _MISSING)
+    keys = set(old) | set(new)
+    made, making = recorded.get("command"), current.get("command")
+    if made != making:  # e.g. `genkit train --resume` went on with a recipe's run
+        lines.append(f"made by `{made}`, not `{making}`")
+        keys = set(old) & set(new)  # the other command's record has other keys
+    for key in sorted(keys, key=lambda k: (k not in new, k)):
+        a, b = old.get(key), new.get(key)  # an absent key is a null one
         if a != b:
-            lines.append(f"{key}: {_short(a)} -> {_short(b)}")
+            lines.append(f"{key}: {_short(_MISSING if key not in old else a)} -> {_short(b)}")
     old_data, new_data = recorded.get("data") or {}, current.get("data") or {}
     for key in _DATA_KEYS:
         a, b = old_data.get(key, _MISSING), new_data.get(key, _MISSING)

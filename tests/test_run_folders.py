@@ -187,7 +187,13 @@ def test_two_processes_racing_for_one_folder(tmp_path):
     recipe = tiny_recipe(tmp_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     command = [sys.executable, "-m", "genkit", "run", str(recipe), "--only", "vae", "--quiet"]
-    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # the first trains for 10 s, well past the second's start
+    first = subprocess.Popen(
+        [*command, "--set", "budget={minutes=0.17}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     holder = tmp_path / "out" / ".genkit.lock.json"
     deadline = time.monotonic() + 120
     while not holder.exists() and first.poll() is None and time.monotonic() < deadline:
@@ -307,7 +313,7 @@ def test_eval_names_the_older_checkpoints_when_the_latest_is_corrupt(finished, t
     assert len(found) >= 2
     found[-1].write_bytes(b"not a checkpoint")
     text = _one_line(invoke("eval", run, code=1))
-    assert "corrupt" in text and found[-2].name in text and "--checkpoint" in text
+    assert "is not a checkpoint" in text and found[-2].name in text and "--checkpoint" in text
 
 
 def test_eval_uses_the_runs_data_and_says_when_data_overrides_it(finished, tmp_path):
@@ -348,3 +354,120 @@ def test_sample_writes_the_format_its_suffix_names(finished, tmp_path):
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
     text = _one_line(invoke("sample", run, "-n", "4", "--out", tmp_path / "grid.xyz", code=1))
     assert "'.xyz' is not an image format" in text and not (tmp_path / "grid.xyz").exists()
+
+
+# -- found by a sweep of bad inputs ----------------------------------------------------------
+def test_genkit_run_locks_the_run_folder_it_trains(tmp_path, monkeypatch):
+    """`genkit train --resume --out OUT/runs/NAME` cannot write into a run that `genkit run`
+    is training."""
+    from genkit.training.trainer import Trainer
+
+    recipe = tiny_recipe(tmp_path)
+    step, seen = Trainer.train_step, []
+
+    def probe(self, x):
+        step(self, x)
+        if self.step == 2:
+            text = invoke("train", "--out", self.run_dir, "--resume", code=1)
+            seen.append(text)
+
+    monkeypatch.setattr(Trainer, "train_step", probe)
+    invoke("run", recipe, "--only", "vae", "--quiet")
+    assert seen and "being written by another process" in _one_line(seen[0])
+
+
+def test_a_run_continued_by_genkit_train_is_named_so(finished, tmp_path):
+    recipe = _copy(finished, tmp_path)
+    run = tmp_path / "out" / "runs" / "vae"
+    invoke("train", "--out", run, "--resume", "--set", "steps=6", "-q")
+    text = _one_line(invoke("run", recipe, "--only", "vae", code=1))
+    assert "made by `genkit train`, not `genkit run`" in text and "train.steps: 6 -> 4" in text
+    assert "budget" not in text and "(none)" not in text
+
+
+def test_resuming_with_other_model_parameters_is_one_line(finished, tmp_path):
+    _copy(finished, tmp_path)
+    run = tmp_path / "out" / "runs" / "vae"
+    text = _one_line(
+        invoke("train", "--out", run, "--resume", "--set", "model.latent_dim=5", code=1)
+    )
+    assert "model.latent_dim=5 differs from the run's 3" in text
+
+
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999"])
+def test_a_seed_out_of_range_is_one_line(tmp_path, seed):
+    data = synthetic_h5(tmp_path / "d.h5")
+    text = _one_line(
+        invoke(
+            "train",
+            "--model",
+            "vae",
+            "--data",
+            data,
+            "--out",
+            tmp_path / "r",
+            "--set",
+            f"seed={seed}",
+            code=1,
+        )
+    )
+    assert "seed" in text and not (tmp_path / "r").exists()
+    np.save(tmp_path / "x.npy", np.zeros((10, 8, 8), dtype=np.uint8))
+    text = invoke("data", "convert", tmp_path / "x.npy", tmp_path / "x.h5", "--seed", seed, code=2)
+    assert "Invalid value for '--seed'" in text and "Traceback" not in text
+
+
+def test_a_batch_larger_than_the_train_split_stops_before_training(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    text = _one_line(invoke("run", recipe, "--set", "train.batch_size=1000", code=1))
+    assert "batch_size 1000 is more than the 48 training examples" in text
+    assert "at most 48" in text and not (tmp_path / "out").exists()
+    text = _one_line(
+        invoke(
+            "run",
+            recipe,
+            "--set",
+            "train.batch_size=40",
+            "--set",
+            "train.validation_fraction=0.5",
+            code=1,
+        )
+    )
+    assert "the 24 training examples (24 of 48 held out for validation)" in text
+
+
+def test_a_file_that_is_no_checkpoint_is_named_so(finished, tmp_path):
+    _copy(finished, tmp_path)
+    run = tmp_path / "out" / "runs" / "vae"
+    text = _one_line(invoke("eval", run, "--checkpoint", tmp_path / "tiny.toml", code=1))
+    assert "is not a checkpoint" in text and "weights_only set to False" not in text
+
+
+def test_images_out_of_the_8_bit_range_name_the_range(tmp_path):
+    np.save(tmp_path / "neg.npy", np.arange(-5, 635).reshape(10, 8, 8))
+    text = _one_line(invoke("data", "convert", tmp_path / "neg.npy", tmp_path / "n.h5", code=1))
+    assert "with values -5..634" in text
+
+
+def test_running_out_of_memory_is_one_line(finished, tmp_path, monkeypatch):
+    import torch
+
+    _copy(finished, tmp_path)
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] can't allocate memory: you tried")
+
+    monkeypatch.setattr(torch, "randn", no_memory)
+    monkeypatch.setattr(torch.Tensor, "normal_", no_memory)
+    text = _one_line(
+        invoke(
+            "sample",
+            tmp_path / "out" / "runs" / "vae",
+            "-n",
+            "4",
+            "--out",
+            tmp_path / "s.png",
+            code=1,
+        )
+    )
+    assert text.startswith("Error: out of memory") and "-n" in text

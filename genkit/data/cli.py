@@ -33,7 +33,13 @@ def data() -> None:
     default=None,
     help="Fraction held out as 'test' when the source has no test split [default: 0.1].",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and order.")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**32 - 1),
+    default=0,
+    show_default=True,
+    help="Seed of the split and order.",
+)
 @click.option(
     "--layout",
     type=click.Choice(["auto", "nhwc", "nchw"]),

@@ -302,9 +302,12 @@ def to_split(x: np.ndarray, labels: np.ndarray | None, layout: str, where: str) 
         if x.dtype.kind in "iu" and x.size and x.min() >= 0 and x.max() <= 255:
             x = x.astype(np.uint8)
         else:
+            values = (
+                f" with values {x.min()}..{x.max()}" if x.size and x.dtype.kind in "iuf" else ""
+            )
             raise LayoutError(
-                f"'{where}': images must be uint8 (0..255), got {x.dtype}; "
-                "give float data as rank 2 vectors (N, D) instead"
+                f"'{where}': images must be 8-bit values 0..255 (uint8, or integers in that "
+                f"range), got {x.dtype}{values}; give float data as rank 2 vectors (N, D) instead"
             )
     if x.ndim == 3:
         return SplitArrays(images=x[:, None], labels=labels)

@@ -81,8 +81,8 @@ class ChunkBatchSampler(Sampler[list[int]]):
         self.rank, self.world_size = int(rank), int(world_size)
         if self.batches_per_rank() == 0:
             raise InvalidParameterError(
-                f"{n} examples make no full batch of {batch_size} on each of {world_size} "
-                "rank(s); use a smaller batch_size or drop_last=False"
+                f"{n} training examples make no full batch of {batch_size} on each of "
+                f"{world_size} process(es); use a batch_size of at most {n // world_size}"
             )
         self.epoch = int(epoch)
         self.start_batch = 0

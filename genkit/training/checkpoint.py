@@ -11,6 +11,7 @@ run killed at any moment leaves either the old set of checkpoints or the new one
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 from collections.abc import Callable
@@ -87,8 +88,20 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        what = "is empty" if not head else "is not a checkpoint (not a torch.save zip archive)"
+        raise CheckpointError(f"checkpoint {path} {what}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            raise CheckpointError(
+                f"checkpoint {path} holds objects other than tensors and plain values; genkit "
+                "loads only those (weights_only=True), and this file was not written by genkit"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({exc})") from None
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(

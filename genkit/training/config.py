@@ -134,7 +134,7 @@ class TrainConfig:
     checkpoint_every: int = attrs.field(default=500, validator=v.ge(0))
     keep_checkpoints: int = attrs.field(default=3, validator=v.ge(1))
     log_every: int = attrs.field(default=50, validator=v.ge(0))
-    seed: int = 0
+    seed: int = attrs.field(default=0, validator=[v.ge(0), v.lt(2**32)])
     # -- the objective -------------------------------------------------------------------
     #: The estimator training calls (a registered name, e.g. a plugin's) and its parameters;
     #: ``None`` and ``{}``: the model's own ``elbo(x)``.

@@ -344,10 +344,12 @@ def test_a_write_that_fails_midway_leaves_nothing_and_keeps_the_old_output(
 
 def test_converter_refuses_float_images_and_empty_splits(tmp_path):
     np.save(tmp_path / "f.npy", np.zeros((4, 3, 5, 5), np.float32))
-    with pytest.raises(LayoutError, match=r"images must be uint8 \(0\.\.255\), got float32"):
+    with pytest.raises(LayoutError, match=r"images must be 8-bit values 0\.\.255 .* got float32"):
         convert(tmp_path / "f.npy", tmp_path / "o.h5")
     np.save(tmp_path / "w.npy", np.full((4, 5, 5), 300, np.int32))
-    with pytest.raises(LayoutError, match=r"images must be uint8 .* got int32"):
+    with pytest.raises(
+        LayoutError, match=r"images must be 8-bit .* got int32 with values 300\.\.300"
+    ):
         convert(tmp_path / "w.npy", tmp_path / "o.h5")
     np.savez(
         tmp_path / "e.npz",
