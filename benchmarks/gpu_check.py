@@ -202,7 +202,8 @@ def recipe_estimates(device: torch.device, deadline: Deadline, quick: bool) -> N
             if len(shape) == 3:
                 model = model.to(memory_format=torch.channels_last)
             batch = 8 if quick else min(settings.batch_size, 256)
-            rate = forward_rate(model, shape, batch, bf16, device)  # images x NFE per second
+            # evaluation runs in fp32 (the trainer's evaluation and genkit eval)
+            rate = forward_rate(model, shape, batch, False, device)  # images x NFE per second
             params = {**recipe.train.get("sample_params", {}), **spec.sample_params}
             if quick and "steps" in params:
                 params["steps"] = 2
@@ -214,12 +215,21 @@ def recipe_estimates(device: torch.device, deadline: Deadline, quick: bool) -> N
             high = n * (settings.max_nfe or 1000) / rate
             train = 60 * (budget.minutes or 0)
             samples = settings.samples * per_image
-            total_low += train + low + samples
-            total_high += train + high + samples
+            # sample quality: metric_samples at the run's sampler, and again at each of
+            # metric_steps (a sampler's cost is proportional to its steps)
+            quality = 0.0
+            if settings.metrics:
+                own = params.get("steps")
+                steps = [s for s in settings.metric_steps if s != own] if own else []
+                scale = 1 + sum(s / own for s in steps) if own else 1
+                quality = settings.metric_samples * per_image * scale
+            total_low += train + low + samples + quality
+            total_high += train + high + samples + quality
             print(
                 f"    {spec.name:16s} train {train / 60:5.0f} min, final eval "
                 f"{low / 60:6.1f}–{high / 60:6.1f} min ({rate:,.0f} NFE/s), "
-                f"{settings.samples} samples {samples:5.1f} s"
+                f"{settings.samples} samples {samples:5.1f} s, sample quality "
+                f"{quality / 60:6.1f} min"
             )
         print(
             f"    in all: {total_low / 3600:.2f}–{total_high / 3600:.2f} h (periodic "

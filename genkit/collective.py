@@ -41,6 +41,13 @@ def is_main() -> bool:
     return rank_and_size()[0] == 0
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA runs asynchronously), so that a clock read
+    after it times the work itself; nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
     """Rows ``[start, stop)`` of ``n`` that ``rank`` of ``size`` takes: contiguous blocks
     whose sizes differ by at most one, in rank order, covering every row exactly once (no

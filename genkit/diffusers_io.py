@@ -15,7 +15,7 @@ schedule="diffusers", ...)`` with the UNet's weights. The translation:
 - ``clip_sample`` -> ``clip_denoised`` (the sampler only; ``thresholding`` is not reproduced:
   neither changes the ELBO, which is that of the unclipped reverse process);
 - pixels: the pipelines' images are ``x = 2 k / 255 - 1`` in [-1, 1] (``DDPMPipeline`` returns
-  ``(x / 2 + 0.5).clamp(0, 1)``), genkit's own scale ``x = k / 127.5 - 1``.
+  ``(x / 2 + 0.5).clamp(0, 1)``), which is identical to genkit's scale ``x = k / 127.5 - 1``.
 
 diffusers is imported lazily; without the ``diffusers`` extra the functions say so in one line.
 """
@@ -48,7 +48,8 @@ VARIANCES = {
 GENKIT_FILE = "genkit.json"
 
 
-def _diffusers() -> Any:
+def require_diffusers() -> Any:
+    """The ``diffusers`` module, or :class:`MissingDependencyError` saying how to get it."""
     try:
         import diffusers
     except ImportError:
@@ -160,7 +161,7 @@ def from_diffusers(path_or_pipeline: str | os.PathLike | Any) -> torch.nn.Module
     diffusers (safetensors)."""
     from genkit.registry import create_model
 
-    diffusers = _diffusers()
+    diffusers = require_diffusers()
     extra: dict[str, Any] = {}
     if isinstance(path_or_pipeline, str | os.PathLike):
         folder = Path(path_or_pipeline).expanduser()
@@ -261,7 +262,7 @@ def export_diffusers(model: torch.nn.Module, out: str | os.PathLike) -> Path:
     betas, prediction and variance type, plus ``genkit.json`` (the decoder variance diffusers
     has no key for). Written to a temporary folder beside ``out``, then renamed; an existing
     ``out`` is an :class:`OutputError`."""
-    diffusers = _diffusers()
+    diffusers = require_diffusers()
     out = Path(out).expanduser()
     cfg = getattr(model, "config", None)
     unet = getattr(getattr(model, "net", None), "unet", None)

@@ -338,6 +338,8 @@ class GridGaussian(Distribution):
         if self.loc.numel() == 0:
             return self.loc.new_zeros(self.batch_shape)
         ratio = float(self.scale.detach().max()) / (2 * BIN_HALF_WIDTH)
+        if not math.isfinite(ratio):  # a diverged scale: the full sum, whose NaN the trainer
+            return torch.logsumexp(self._grid_energy(), dim=-1)  # reports as non-finite
         need = 2.0 * (_WINDOW_NATS + math.log(NUM_BINS)) * ratio * ratio
         w = max(2, math.ceil(0.5 * (math.sqrt(1.0 + 4.0 * need) - 1.0)))
         if 2 * w + 1 >= NUM_BINS:

@@ -230,7 +230,11 @@ def evaluate(
         )
     device = model.device
     rank, size = collective.rank_and_size() if shard else (0, 1)
-    first, last = collective.shard_bounds(len(dataset), rank, size)
+    rows = len(dataset)
+    if max_batches is not None:  # the first max_batches batches, then shared out
+        rows = min(rows, max_batches * batch_size)
+        dataset = RowRange(dataset, 0, rows) if 0 < rows < len(dataset) else dataset
+    first, last = collective.shard_bounds(rows, rank, size)
     part = dataset if size == 1 else (RowRange(dataset, first, last) if last > first else [])
 
     def one_draw() -> dict[str, Any]:
@@ -240,8 +244,6 @@ def evaluate(
         nfe: float | None = 0.0
         count, names = 0, ([], [])
         for i, batch in enumerate(make_eval_loader(part, batch_size)):
-            if max_batches is not None and i >= max_batches:
-                break
             x = batch_tensor(batch).to(device)
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -177,6 +177,9 @@ def sample_metrics(
             t0 = time.perf_counter()
             with torch.no_grad():
                 x = model.sample(n, generator=generator, **sample_params)
+            collective.synchronize(
+                x.device
+            )  # CUDA runs asynchronously: time the work, not its launch
             sample_seconds += time.perf_counter() - t0
             mine.append((b, _features(extractor, x.float().clamp(-1, 1)).double().cpu()))
             bar.update(n * size)

@@ -87,11 +87,17 @@ def kernel_inception_distance(
     real: Tensor, fake: Tensor, *, subsets: int = 100, subset_size: int = 1000, seed: int = 0
 ) -> tuple[float, float]:
     """KID (Bińkowski et al. 2018): :func:`mmd2_unbiased` with :func:`polynomial_kernel` on
-    ``subsets`` random subsets of ``min(subset_size, len(real), len(fake))`` examples of each
-    set (drawn without replacement within a subset); returns the mean and the std over the
-    subsets (ddof 1; 0 for one subset)."""
+    ``subsets`` random subsets of ``m`` examples of each set (drawn without replacement within
+    a subset); returns the mean and the std over the subsets (ddof 1; 0 for one subset).
+
+    ``m = min(subset_size, len(real), len(fake))`` for one subset; for several, at most half
+    of each set as well, so that the subsets differ and their std measures the estimate's
+    spread (with sets no larger than ``subset_size`` every subset would be the whole set and
+    the std 0)."""
     real, fake = real.double(), fake.double()
     m = min(subset_size, real.shape[0], fake.shape[0])
+    if subsets > 1:
+        m = min(m, real.shape[0] // 2, fake.shape[0] // 2)
     if m < 2:
         raise InvalidParameterError(f"KID needs at least 2 examples of each set, got {m}")
     g = torch.Generator().manual_seed(seed)
@@ -104,10 +110,15 @@ def kernel_inception_distance(
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def _kth_neighbour_radii(x: Tensor, k: int) -> Tensor:
-    """The distance of each row of x (n, d) to its k-th nearest other row: (n,)."""
-    d = torch.cdist(x, x)  # (n, n), the diagonal (0) is the point itself
-    return d.kthvalue(k + 1, dim=1).values
+def _kth_neighbour_radii(x: Tensor, k: int, batch: int = 1024) -> Tensor:
+    """The distance of each row of x (n, d) to its k-th nearest other row: (n,). Rows are
+    taken ``batch`` at a time (a (batch, n) block of distances), so 50,000 samples need
+    400 MB at once, not the 20 GB of the whole (n, n) matrix."""
+    radii = []
+    for start in range(0, x.shape[0], batch):
+        d = torch.cdist(x[start : start + batch], x)  # (b, n); each row's own point gives 0
+        radii.append(d.kthvalue(k + 1, dim=1).values)
+    return torch.cat(radii)
 
 
 def _coverage(centres: Tensor, radii: Tensor, points: Tensor, batch: int = 1024) -> float:

@@ -107,3 +107,14 @@ def test_quality_against_sampling_cost(tmp_path, monkeypatch):
     md = (out / "results.md").read_text()
     assert "## Sample quality against sampling cost" in md
     assert "| vdm | 2 |" in md and "| vdm | 5 |" in md and "| vae | one sampler |" in md
+
+
+def test_missing_weights_stop_the_recipe_before_anything_trains(tmp_path, monkeypatch):
+    """The extractor is built while the recipe is checked: Inception weights that are not
+    there stop it with one line before the first run trains (not after it)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no weights in the hub cache
+    path = recipe(tmp_path, features="inception")
+    path.write_text(path.read_text().replace("feature_params = { steps = 20 }", ""))
+    text = invoke("run", path, code=1)
+    assert "inception" in text.lower() and len(text.strip().splitlines()) == 1
+    assert "[runs.vae]" in text and not (tmp_path / "out" / "runs").exists()

@@ -74,6 +74,7 @@ def run(
         device = "auto"  # the error is reported below, by every rank alike
     dist_info = distributed.init_from_env(device)
     main = dist_info.is_main
+    echo = (lambda _text: None) if quiet or not main else (lambda text: click.echo(text, err=True))
 
     def setup():
         recipe = load_recipe(recipe_path, sets)
@@ -87,6 +88,17 @@ def run(
         check_splits(train_ds, test_ds)
         data = data_identity(recipe.data, cache_dir)
         prepared = prepare(recipe, train_ds, test_ds, list(only) or None, data)
+        built = set()
+        for item in prepared:  # feature extractors (weights, labels) before anything trains
+            key = (item.eval.features, repr(sorted(item.eval.feature_params.items())))
+            if item.eval.metrics and key not in built:
+                from genkit.features import recipe_extractor
+
+                try:
+                    recipe_extractor(item.eval, train_ds, test_ds, echo=echo)
+                except GenkitError as exc:
+                    raise type(exc)(f"{recipe.source} [runs.{item.spec.name}]: {exc}") from None
+                built.add(key)
         return (
             recipe,
             Path(out if out is not None else recipe.out),
@@ -96,7 +108,6 @@ def run(
             prepared,
         )
 
-    echo = (lambda _text: None) if quiet or not main else (lambda text: click.echo(text, err=True))
     try:
         # every rank checks the recipe; one rank's error stops all with its line
         recipe, out, train_ds, test_ds, data, prepared = collective.agreed(setup)

@@ -222,6 +222,11 @@ def write_report(
     return paths
 
 
+def _sig(value: Any) -> str:
+    """``value`` to 3 significant digits (seconds per image span 1e-5 to 1)."""
+    return "" if value is None else f"{value:.3g}"
+
+
 def quality_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Markdown lines: each run's sample quality at each sampling cost (its ``quality_curve``)."""
     rows = [r for r in rows if r.get("quality_curve")]
@@ -243,7 +248,7 @@ def quality_table(rows: Sequence[dict[str, Any]]) -> list[str]:
                 cells.append(_num(p.get(n), 3) + (f" ± {_num(std, 3)}" if std is not None else ""))
             steps = "one sampler" if p.get("steps") is None else str(p["steps"])
             lines.append(
-                f"| {row['run']} | {steps} | {_num(p.get('seconds_per_image'), 4)} | "
+                f"| {row['run']} | {steps} | {_sig(p.get('seconds_per_image'))} | "
                 + " | ".join(cells)
                 + " |"
             )

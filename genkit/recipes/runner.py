@@ -16,6 +16,7 @@ the latest (exactly: see the trainer); a run made by anything else is an error, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -29,6 +30,7 @@ import torch
 from genkit import collective, provenance
 from genkit.elbo import LN2
 from genkit.errors import ConfigError, GenkitError
+from genkit.files import output_lock
 from genkit.recipes.schema import Budget, EvalSettings, Recipe, RunSpec
 from genkit.training.config import TrainConfig, config_dict, make_config
 
@@ -123,7 +125,8 @@ def resolve(recipe: Recipe, spec: RunSpec) -> tuple[Budget, EvalSettings, TrainC
         "num_samples": settings.samples,
         "sample_params": {**shared.get("sample_params", {}), **spec.sample_params},
     }
-    return budget, settings, make_config(fields, where="train settings")
+    where = "[train]" + (f" with [runs.{spec.name}] train" if spec.train else "")
+    return budget, settings, make_config(fields, where=f"train settings ({where})")
 
 
 def record(recipe: Recipe, spec: RunSpec, data: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +143,7 @@ def record(recipe: Recipe, spec: RunSpec, data: dict[str, Any]) -> dict[str, Any
         "eval": attrs.asdict(settings),
         "sample_params": spec.sample_params,
     }
-    return provenance.made_by(entry, data)
+    return provenance.made_by(entry, data, command="genkit run")
 
 
 def prepare(
@@ -164,6 +167,7 @@ def prepare(
         where = _where(recipe, spec)
         try:
             budget, settings, config = resolve(recipe, spec)
+            _check_batches(config, len(train_ds))
             torch.manual_seed(config.seed)
             model = create_model(spec.model, shape, **spec.params)
             check_sample_params(model, config.sample_params, spec.model)
@@ -188,6 +192,23 @@ def prepare(
         made = record(recipe, spec, data)
         prepared.append(PreparedRun(spec, config, budget, settings, decoder, made))
     return prepared
+
+
+def _check_batches(config: TrainConfig, n: int) -> None:
+    """The train split, less the validation rows held out, holds at least one batch (the
+    global ``batch_size``, which the processes share), as the trainer's loader needs."""
+    import math
+
+    from genkit.collective import rank_and_size
+
+    held = math.ceil(config.validation_fraction * n) if config.validation_fraction else 0
+    left, processes = n - held, rank_and_size()[1]
+    if left < config.batch_size:  # the global batch: each process takes its share of it
+        kept = f" ({held} of {n} held out for validation)" if held else ""
+        raise ConfigError(
+            f"batch_size {config.batch_size} is more than the {left} training examples"
+            f"{kept}; use a batch_size of at most {left - left % processes}"
+        )
 
 
 #: What :func:`plan` decides for a run.
@@ -316,7 +337,12 @@ def run_one(
     trainer = Trainer(
         model, run.config, train_ds, test_ds, run_dir, run_info=info, progress=not quiet
     )
-    result = trainer.fit(resume=resume)
+    # the run folder is locked too, so that `genkit train --out` it waits its turn
+    with contextlib.ExitStack() as held:
+        collective.agreed(
+            lambda: held.enter_context(output_lock(run_dir, "genkit run")) if main else None
+        )
+        result = trainer.fit(resume=resume)
     if trainer.interrupted or result is None:
         return None
 
@@ -350,6 +376,7 @@ def run_one(
     if run.eval.samples > 0:
         began = time.perf_counter()
         x = trainer.sample(run.eval.samples, seed=run.config.seed)
+        collective.synchronize(x.device)
         images_per_second = run.eval.samples / (time.perf_counter() - began)
         if x.dim() == 4:
             grid = save_png(image_grid(x.float().cpu()), out / "samples" / f"{spec.name}.png")

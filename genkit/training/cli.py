@@ -8,14 +8,14 @@ only the dir.
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
 
-from genkit import provenance
+from genkit import collective, provenance
 from genkit.data.identity import data_identity
 from genkit.data.reader import check_splits
 from genkit.errors import CheckpointError, ConfigError, DataError
@@ -151,7 +151,18 @@ def train(
     if data is None:
         raise ConfigError(f"{run_dir}/config.json names no data; pass --data")
     spec = data_spec(data)
+    saved_params = dict(model_params)
     train_cfg, model_params = apply_overrides(train_cfg, model_params, overrides)
+    if resume and model_params != saved_params:
+        changed = sorted(
+            k for k in {*model_params, *saved_params} if model_params.get(k) != saved_params.get(k)
+        )
+        key = changed[0]
+        raise ConfigError(
+            f"--resume: model.{key}={model_params.get(key)!r} differs from the run's "
+            f"{saved_params.get(key)!r}; a resumed run keeps its model (train a new run for "
+            "another one)"
+        )
     config = make_config(train_cfg, where="train config (--set)")
 
     info = distributed.init_from_env(config.device)
@@ -162,6 +173,7 @@ def train(
         made = provenance.made_by(
             {"model": model_name, "params": model_params, "train": config_dict(config)},
             data_identity(spec, cache_dir),
+            command="genkit train",
         )
         if resume:  # before anything is written: the run continues on the data it began on
             changed = provenance.data_changes(saved.get(provenance.KEY), made)
@@ -177,7 +189,14 @@ def train(
             "data": spec,
             provenance.KEY: made,
         }
-        with output_lock(run_dir, "genkit train") if info.is_main else nullcontext():
+        with ExitStack() as held:  # rank 0 locks; a failure stops every rank
+            collective.agreed(
+                lambda: (
+                    held.enter_context(output_lock(run_dir, "genkit train"))
+                    if info.is_main
+                    else None
+                )
+            )
             trainer = Trainer(
                 model, config, train_ds, test_ds, run_dir, run_info=run_info, progress=not quiet
             )
@@ -276,7 +295,7 @@ def channels_last(info: dict[str, Any], model: torch.nn.Module) -> bool:
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Default: the latest.")
 @click.option("--no-ema", is_flag=True, help="Evaluate the raw weights instead of the EMA.")
 @click.option("--last", is_flag=True, help="A keep_best run: the last EMA weights, not the best.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the result.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @CACHE_DIR
@@ -350,7 +369,7 @@ def eval_(
             )
         estimator_params = dict(parse_pairs(params, option="--param"))
         measure = None
-        if metric_names is not None and main:  # rank 0 samples and measures
+        if metric_names is not None:  # every rank draws its share of the samples
             from genkit.model import check_sample_params
 
             check_sample_params(model, sample_kw, info["model"]["name"], "--sample-param")
@@ -393,6 +412,18 @@ def eval_(
                 channels_last=channels_last(info, model),
             )
         )
+        quality = None
+        if measure is not None:
+            quality = collective.agreed(
+                lambda: measure(
+                    metrics=metric_names,
+                    samples=samples,
+                    sample_params=sample_kw,
+                    seed=seed,
+                    batch_size=batch_size,
+                    progress=main,
+                )
+            )
         if not main:
             return
         processes = f", {result.processes} processes" if result.processes > 1 else ""
@@ -404,15 +435,7 @@ def eval_(
             )
         )
         document = result.to_json(checkpoint=str(path))
-        if measure is not None:
-            quality = measure(
-                metrics=metric_names,
-                samples=samples,
-                sample_params=sample_kw,
-                seed=seed,
-                batch_size=batch_size,
-                progress=True,
-            )
+        if quality is not None:
             click.echo(format_sample_metrics(quality))
             document["sample_metrics"] = quality
         if json_out is not None:
@@ -431,7 +454,7 @@ def eval_(
     required=True,
     help="Image grid (.png, or another format by its suffix: .jpg, .webp, ...) or .npy.",
 )
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Default: the latest.")
 @click.option("--no-ema", is_flag=True, help="Sample the raw weights instead of the EMA.")
 @click.option("--last", is_flag=True, help="A keep_best run: the last EMA weights, not the best.")

@@ -6,8 +6,8 @@ read by the VDM's ``parameterization`` as any denoiser's; with ``variance="learn
 has ``2C`` channels (the last ``C`` the variance output), as improved-diffusion's and
 diffusers' ``learned_range`` models do.
 
-diffusers is imported only here, and only when such a denoiser is built (the ``diffusers``
-extra); without it the error says how to install it.
+diffusers is imported only when such a denoiser is built (the ``diffusers`` extra), through
+:func:`genkit.diffusers_io.require_diffusers`; without it the error says how to install it.
 """
 
 from __future__ import annotations
@@ -17,18 +17,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from genkit.errors import InvalidParameterError, MissingDependencyError
-
-
-def require_diffusers() -> Any:
-    """The ``diffusers`` module, or :class:`MissingDependencyError` saying how to get it."""
-    try:
-        import diffusers
-    except ImportError:
-        raise MissingDependencyError(
-            "diffusers is not installed: pip install 'genkit[diffusers]' (or pip install diffusers)"
-        ) from None
-    return diffusers
+from genkit.diffusers_io import require_diffusers
+from genkit.errors import InvalidParameterError
 
 
 class DiffusersUNet(nn.Module):
