@@ -285,12 +285,7 @@ def quality_plot(path: Path, rows: Sequence[dict[str, Any]], title: str) -> Path
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    data = buffer.getvalue()
-    return write_atomic(path, lambda f: f.write(data), what="plot")
+    return _save_figure(fig, path)
 
 
 def plot(path: Path, rows: Sequence[dict[str, Any]], title: str) -> Path:
@@ -336,6 +331,13 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], title: str) -> Path:
     ax.grid(alpha=0.3)
     if rows:
         ax.legend(fontsize=8)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    """``fig`` as a PNG at ``path``, written atomically; the figure is closed."""
+    from matplotlib import pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
