@@ -114,6 +114,12 @@ def _add_rows(
         metrics.update(_features(extractor, x), real=real)
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` lives (``LatentVariableModel.device``; the CPU for a module with no
+    parameters)."""
+    return next(iter(model.parameters()), torch.zeros(())).device
+
+
 def block_seed(seed: int, block: int) -> int:
     """The seed of the ``block``-th batch of samples drawn with ``seed`` (distinct for every
     pair, whatever the number of processes that draw the blocks)."""
@@ -150,7 +156,7 @@ def sample_metrics(
     """
     metrics = check_metrics(metrics)
     sample_params = dict(sample_params or {})
-    device = next(iter(model.parameters()), torch.zeros(())).device
+    device = _device_of(model)
     began = time.perf_counter()
     model_m = SampleMetrics(metrics, seed=seed)
     floor_m = SampleMetrics(metrics, seed=seed) if floor else None
@@ -291,7 +297,7 @@ def prepare_sample_metrics(
             f"{data} holds items of shape {tuple(test.data_shape)}, "
             f"but the model is for {tuple(model.data_shape)}"
         )
-    device = next(iter(model.parameters()), torch.zeros(())).device
+    device = _device_of(model)
     context = FeatureContext(
         data=data, train=train, test=test, cache_dir=cache_dir, device=device, echo=echo
     )
@@ -336,7 +342,7 @@ def run_sample_metrics(
     """A recipe run's ``sample_metrics`` from its ``[eval]`` settings (``metrics``,
     ``metric_samples``, ``features``, ``feature_params``, ``batch_size``), the splits the
     recipe opened (their file is the data the classifier cache is keyed by)."""
-    device = next(iter(model.parameters()), torch.zeros(())).device
+    device = _device_of(model)
     extractor = recipe_extractor(settings, train, test, device=device, echo=echo)
     return sample_metrics(
         model,
