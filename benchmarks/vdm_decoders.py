@@ -37,7 +37,7 @@ DECODERS = ("bin_mass", "softmax")
 def paired_reconstruction_gap(model, dataset, z_draws: int, seed: int) -> tuple[float, float]:
     """Softmax minus bin-mass reconstruction in bits/dim (``> 0``: the softmax is tighter by
     that much): mean and se over the examples, each averaged over ``z_draws`` shared z_0."""
-    from genkit_vdm.continuous import reconstruction
+    from genkit_vdm.continuous_elbo import reconstruction
 
     gaps = []
     log_snr_0 = model.schedule.end_points()[0].detach()

@@ -330,7 +330,7 @@ def test_time_embedding_and_fourier_features_of_float64_inputs_are_float64():
 def test_float64_continuous_loss_squared_error_is_float64():
     """``||eps - eps_hat||^2`` of the continuous loss was computed in float32 (relative error
     ~1e-7); against the same draw by hand it now agrees to float64 rounding."""
-    from genkit_vdm.continuous import diffusion_loss
+    from genkit_vdm.continuous_elbo import diffusion_loss
 
     model = genkit.create_model(
         "vdm", (4,), timesteps=0, schedule="fixed_linear", net=_Scaled()

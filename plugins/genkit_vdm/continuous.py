@@ -19,37 +19,35 @@ denoising-matching sum)::
          - 1/2 E_{t ~ U(0,1), eps}[-lambda'(t) ||eps - eps_hat(z_t, t)||^2]  denoising_matching
 
 with ``z_t = alpha_t x + sigma_t eps``. One network call per draw of ``t``; the reconstruction
-and the prior matching cost none.
+and the prior matching cost none. :mod:`genkit_vdm.continuous_elbo` computes it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from einops import reduce, repeat
 from torch import Tensor, nn
-from torch.distributions import Distribution, Independent, Normal, kl_divergence
+from torch.distributions import Distribution, Independent, Normal
 
 from genkit import likelihoods
 from genkit.distributions import DiscretizedGaussian, GridGaussian
-from genkit.elbo import ELBO, ELBOTerms
+from genkit.elbo import ELBO
 from genkit.errors import InvalidParameterError
-from genkit.model import LatentVariableModel, StandardNormalPrior, check_count
-from genkit_vdm.draws import draw_uniforms
-from genkit_vdm.encoder import ContinuousForwardProcess, expand_like
-from genkit_vdm.logsnr import LogSNRSchedule, minimise_variance
-from genkit_vdm.model import (
+from genkit.model import StandardNormalPrior, check_count
+from genkit_vdm import sampling
+from genkit_vdm.base import (
     Prediction,
     ReverseProcess,
+    VDMBase,
     VDMConfig,
     build_schedule,
     default_denoiser,
     vdm_estimator,
 )
-
-if TYPE_CHECKING:
-    from genkit_vdm.logsnr import LogSNR
+from genkit_vdm.encoder import ContinuousForwardProcess, expand_like
+from genkit_vdm.estimators import DenoisingMatchingELBO
+from genkit_vdm.logsnr import LogSNRSchedule
 
 
 class ContinuousReverseProcess(ReverseProcess):
@@ -132,59 +130,6 @@ class ContinuousReverseProcess(ReverseProcess):
         return self.decoder_at(z_0, self.encoder.log_snr(0.0))
 
 
-def diffusion_loss(model: ContinuousVDM, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, LogSNR]:
-    """At one draw ``z_t = alpha_t x + sigma_t eps`` per row (``x: (N, ...)``, ``t: (N,)``):
-    ``L = -1/2 lambda'(t) ||eps - eps_hat(z_t, t)||^2`` and ``||eps - eps_hat||^2``, each
-    ``(N,)``, and the schedule's values at ``t``."""
-    log_snr = model.encoder.log_snr_and_slope(t)
-    alpha, sigma = model.encoder.coefficients(log_snr.value)
-    eps = torch.randn_like(x)
-    z_t = expand_like(alpha, x) * x + expand_like(sigma, x) * eps
-    pred = model.decoder.predict(z_t, t, log_snr=log_snr.value)
-    # float32 at least (bf16 under autocast), float64 in a float64 model
-    err = (eps - pred.eps).to(torch.promote_types(x.dtype, torch.float32))
-    sq_err = reduce(err.square(), "n ... -> n", "sum")
-    return -0.5 * log_snr.slope * sq_err, sq_err, log_snr
-
-
-def reconstruction(model: ContinuousVDM, x: Tensor, log_snr_0: Tensor) -> Tensor:
-    """The ``reconstruction`` term at one draw ``z_0 = alpha_0 x + sigma_0 eps``, ``(B,)``::
-
-        E_{q(z_0|x)}[log p(x|z_0)],   softmax:  log p(x|z_0) = sum_i [l_i(x_i)
-                                                    - log sum_{k=0}^{255} exp l_i(x_k)],
-                                      l_i(v) = -(z_{0,i} - alpha_0 v)^2 / (2 sigma_0^2)
-
-    (``x_k = k/127.5 - 1``); ``bin_mass``: ``sum_i log P(bin of x_i)`` under
-    ``N(z_{0,i} / alpha_0, (sigma_0 / alpha_0)^2)``; vectors: that Gaussian's log-density.
-    ``log_snr_0 = lambda(0)``, with its gradient for a learned end point."""
-    alpha_0, sigma_0 = model.encoder.coefficients(log_snr_0)
-    z_0 = alpha_0 * x + sigma_0 * torch.randn_like(x)
-    return model.decoder.decoder_at(z_0, log_snr_0).log_prob(x)
-
-
-def continuous_elbo(model: ContinuousVDM, x: Tensor, t_samples: int, sampler: str) -> ELBOTerms:
-    """The continuous-time ELBO of ``x: (B, ...)`` (module docstring), ``t_samples`` draws of
-    ``t`` per example by :func:`draw_uniforms` (shared shift in training mode). Extra ``simple``:
-    ``-E_t ||eps - eps_hat||^2``, the unweighted loss (Ho et al.'s L_simple in continuous t)."""
-    b = x.shape[0]
-    u = draw_uniforms(t_samples, b, sampler, shared=model.training, device=x.device)
-    t = u.reshape(-1)  # row j * B + e: draw j of example e
-    loss, sq_err, log_snr = diffusion_loss(model, repeat(x, "b ... -> (k b) ...", k=t_samples), t)
-    minimise_variance(log_snr, loss)
-    ends = model.schedule.end_points()  # lambda(0), lambda(1)
-    alpha_1, sigma_1 = model.encoder.coefficients(ends[1])
-    q_1 = Independent(Normal(alpha_1 * x, sigma_1.expand_as(x)), x.dim() - 1)
-    terms = {
-        "reconstruction": reconstruction(model, x, ends[0]),
-        "prior_matching": -kl_divergence(q_1, model.prior()),
-        "denoising_matching": -reduce(loss, "(k b) -> b", "mean", k=t_samples),
-    }
-    simple = -reduce(sq_err, "(k b) -> b", "mean", k=t_samples)
-    return ELBOTerms(
-        terms=terms, num_dims=model.num_dims, extras={"simple": simple}, nfe=float(t_samples)
-    )
-
-
 #: ``decoder="auto"``: the continuous model's ``p(x|z_0)`` on 8-bit images (docs/vdm.md has
 #: the measurements behind the choice).
 DEFAULT_DECODER = "softmax"
@@ -204,7 +149,7 @@ def _grid_decoder(decoder: str, likelihood: str) -> str:
     return DEFAULT_DECODER if decoder == "auto" else decoder
 
 
-class ContinuousVDM(LatentVariableModel):
+class ContinuousVDM(VDMBase):
     """The continuous-time variational diffusion model (module docstring).
 
     Parts: ``encoder`` (:class:`~genkit_vdm.encoder.ContinuousForwardProcess`, owning the
@@ -214,7 +159,6 @@ class ContinuousVDM(LatentVariableModel):
     :class:`~genkit.errors.IncompatibleEstimatorError`).
     """
 
-    default_estimator = "denoising_matching"
     #: Continuous time: no finite number of steps.
     timesteps = 0
 
@@ -225,8 +169,6 @@ class ContinuousVDM(LatentVariableModel):
         net: nn.Module | None = None,
     ) -> None:
         super().__init__(data_shape)
-        from genkit_vdm.estimators import DenoisingMatchingELBO
-
         self.config = cfg = config or VDMConfig(timesteps=0)
         if not cfg.continuous:
             raise InvalidParameterError("ContinuousVDM needs timesteps=0")
@@ -256,11 +198,6 @@ class ContinuousVDM(LatentVariableModel):
         return vdm_estimator(self, name, evaluation, params)
 
     @property
-    def net(self) -> nn.Module:
-        """The denoising network ``net(z_t, t)``, ``t`` a float in [0, 1]."""
-        return self.decoder.net
-
-    @property
     def schedule(self) -> LogSNRSchedule:
         """The log-SNR schedule ``lambda(t)``."""
         return self.encoder.schedule
@@ -280,14 +217,14 @@ class ContinuousVDM(LatentVariableModel):
         deterministic DDIM-like sampler; by default ancestral when ``steps`` is not given and
         deterministic when it is (as the discrete model's DDIM). See
         :func:`genkit_vdm.sampling.continuous`."""
-        from genkit_vdm.sampling import continuous
-
         n = check_count("n", n)
         clip = self.config.clip_denoised and len(self.data_shape) == 3 if clip is None else clip
         if eta is None:
             eta = 1.0 if steps is None else 0.0
         steps = self.config.sample_steps if steps is None else steps
-        return continuous(self, n, steps, eta=eta, generator=generator, clip=clip, final=final)
+        return sampling.continuous(
+            self, n, steps, eta=eta, generator=generator, clip=clip, final=final
+        )
 
 
-__all__ = ["ContinuousReverseProcess", "ContinuousVDM", "continuous_elbo", "reconstruction"]
+__all__ = ["ContinuousReverseProcess", "ContinuousVDM"]

@@ -27,7 +27,7 @@ a random shift, Kingma et al. 2021's low-discrepancy sampler; see
 The other decomposition of the same ELBO, the consistency form, is
 :class:`genkit.markov.ConsistencyELBO` (estimator ``consistency``), which works on the discrete
 VDM as on any Markov chain. In continuous time (``timesteps=0``) this estimator computes the
-continuous ELBO of :mod:`genkit_vdm.continuous`.
+continuous ELBO of :mod:`genkit_vdm.continuous` (:mod:`genkit_vdm.continuous_elbo`).
 
 The extra ``simple`` is ``-L_simple = -E_{t ~ U{1..T}} ||eps - eps_hat(x_t, t)||^2``, Ho et
 al. (2020) eq. 14 with the squared norm summed over the data dimensions, signed like a term and
@@ -40,7 +40,6 @@ logged ELBO stays the true one.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -50,11 +49,9 @@ from torch.distributions import kl_divergence
 
 from genkit.elbo import ELBO, ELBOTerms
 from genkit.errors import IncompatibleEstimatorError, InvalidParameterError
-from genkit_vdm.continuous import continuous_elbo
+from genkit_vdm.base import VDMBase
+from genkit_vdm.continuous_elbo import continuous_elbo
 from genkit_vdm.draws import draw_uniforms, inverse_cdf
-
-if TYPE_CHECKING:
-    from genkit_vdm.model import VDM
 
 T_SAMPLERS = ("stratified", "uniform")
 PROPOSALS = ("loss_aware", "uniform", "pilot")
@@ -68,7 +65,7 @@ WARMUP_FIRST_STEP = 0.25
 PILOT_EXAMPLES, PILOT_STEPS = 8, 24
 
 
-def denoising_kl(model: VDM, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+def denoising_kl(model: VDMBase, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """At one draw ``x_t ~ q(x_t|x_0)`` per row (``x0: (N, ...)``, ``t: (N,)`` in 2..T):
     ``KL(q(x_{t-1}|x_t, x_0) || p(x_{t-1}|x_t))`` and ``||eps - eps_hat||^2``, each ``(N,)``."""
     q_t = model.encoder.q_marginal(x0, t)
@@ -80,7 +77,7 @@ def denoising_kl(model: VDM, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     return kl, sq_err
 
 
-def step_losses(model: VDM, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+def step_losses(model: VDMBase, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """At one draw ``x_t ~ q(x_t|x_0)`` per row (``t: (N,)`` in 1..T, mixed), with one network
     call: ``L_t`` (``-log p(x_0|x_1)`` where ``t = 1``, the step's KL where ``t >= 2``) and
     ``||eps - eps_hat||^2``, each ``(N,)``."""
@@ -100,7 +97,7 @@ def step_losses(model: VDM, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(first, nll, kl), sq_err
 
 
-def first_step(model: VDM, x0: Tensor) -> tuple[Tensor, Tensor]:
+def first_step(model: VDMBase, x0: Tensor) -> tuple[Tensor, Tensor]:
     """The reconstruction ``E_{q(x_1|x_0)}[log p(x_0|x_1)]`` at one draw
     ``x_1 = sqrt(alpha_1) x_0 + sqrt(1 - alpha_1) eps``, and ``||eps - eps_hat(x_1, 1)||^2`` (the
     ``t = 1`` summand of ``L_simple``) at the same draw, each ``(B,)``."""
@@ -112,7 +109,7 @@ def first_step(model: VDM, x0: Tensor) -> tuple[Tensor, Tensor]:
     return log_px, reduce((eps - pred.eps).square(), "b ... -> b", "sum")
 
 
-def prior_matching(model: VDM, x0: Tensor) -> Tensor:
+def prior_matching(model: VDMBase, x0: Tensor) -> Tensor:
     """``-KL(q(x_T|x_0) || N(0, I))``, analytic, ``(B,)``."""
     return -kl_divergence(model.encoder.q_marginal(x0, model.encoder.timesteps), model.prior())
 
@@ -285,7 +282,7 @@ class DenoisingMatchingELBO(ELBO):
         self._pilot: dict[tuple[int, int], Tensor] = {}
 
     # -- dispatch --------------------------------------------------------------------------
-    def __call__(self, model: VDM, x: Tensor) -> ELBOTerms:
+    def __call__(self, model: VDMBase, x: Tensor) -> ELBOTerms:
         encoder = getattr(model, "encoder", None)
         if getattr(encoder, "timesteps", None) == 0 and hasattr(encoder, "log_snr_and_slope"):
             return self._continuous(model, x)
@@ -321,7 +318,7 @@ class DenoisingMatchingELBO(ELBO):
         return continuous_elbo(model, x, self.t_samples, self.t_sampler)
 
     # -- exact in t ------------------------------------------------------------------------
-    def _exact(self, model: VDM, x: Tensor, num_steps: int) -> ELBOTerms:
+    def _exact(self, model: VDMBase, x: Tensor, num_steps: int) -> ELBOTerms:
         """``reconstruction`` at one draw of ``x_1`` and every KL ``t = 2..T``: ``T`` calls."""
         b = x.shape[0]
         kl_sum, sq_sum = x.new_zeros(b), x.new_zeros(b)
@@ -337,7 +334,7 @@ class DenoisingMatchingELBO(ELBO):
         return self._terms(model, x, log_px, -kl_sum, simple, float(num_steps))
 
     # -- t sampled -------------------------------------------------------------------------
-    def _draw(self, model: VDM, x: Tensor, num_steps: int, k: int, first: int):
+    def _draw(self, model: VDMBase, x: Tensor, num_steps: int, k: int, first: int):
         """``k`` steps per example on ``first..T`` and their weights ``1 / p(t)``, each ``(k, B)``,
         and the network calls per example a pilot fit cost (0 without one)."""
         p, pilot_nfe = self.probabilities(num_steps, x.device, model=model, x=x, first=first)
@@ -345,7 +342,7 @@ class DenoisingMatchingELBO(ELBO):
         t = inverse_cdf(p, u, first)
         return t, (1.0 / p[t - first]).to(x.dtype), pilot_nfe
 
-    def _sampled(self, model: VDM, x: Tensor, num_steps: int, k: int) -> ELBOTerms:
+    def _sampled(self, model: VDMBase, x: Tensor, num_steps: int, k: int) -> ELBOTerms:
         """``k`` draws ``t ~ p(t)`` on ``1..T`` per example, one network call each."""
         b = x.shape[0]
         t, weight, pilot_nfe = self._draw(model, x, num_steps, k, first=1)
@@ -360,7 +357,7 @@ class DenoisingMatchingELBO(ELBO):
         return self._terms(model, x, reconstruction, denoising, simple, k + pilot_nfe)
 
     def _every_step_reconstruction(
-        self, model: VDM, x: Tensor, num_steps: int, k: int
+        self, model: VDMBase, x: Tensor, num_steps: int, k: int
     ) -> ELBOTerms:
         """``reconstruction`` at every call (one network call), ``k`` draws on ``2..T``."""
         b = x.shape[0]
@@ -383,7 +380,7 @@ class DenoisingMatchingELBO(ELBO):
         }
         return ELBOTerms(terms=terms, num_dims=model.num_dims, extras={"simple": simple}, nfe=nfe)
 
-    def _record(self, model: VDM, num_steps: int, t: Tensor, loss: Tensor) -> None:
+    def _record(self, model: VDMBase, num_steps: int, t: Tensor, loss: Tensor) -> None:
         if self.proposal == "loss_aware" and model.training:
             self._moments(num_steps, create=True).record(t, loss, self.history)
 
@@ -393,7 +390,7 @@ class DenoisingMatchingELBO(ELBO):
         num_steps: int,
         device: torch.device,
         *,
-        model: VDM | None = None,
+        model: VDMBase | None = None,
         x: Tensor | None = None,
         first: int | None = None,
     ) -> tuple[Tensor, float]:
@@ -429,7 +426,7 @@ class DenoisingMatchingELBO(ELBO):
         return self._pilot_proposal(model, x, num_steps, first, device)
 
     def _pilot_proposal(
-        self, model: VDM | None, x: Tensor | None, num_steps: int, first: int, device
+        self, model: VDMBase | None, x: Tensor | None, num_steps: int, first: int, device
     ) -> tuple[Tensor, float]:
         """The pilot ``p(t) ∝ sqrt(E[L_t^2])`` (see ``proposal``), fitted on ``x`` once per
         estimator (with ``cache_pilot``; the model's own default estimator refits at every

@@ -31,37 +31,32 @@ With ``clip`` (default for images) ``x0_hat`` is clipped to [-1, 1] at every ste
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from genkit.distributions import sample as draw
 from genkit.errors import InvalidParameterError
-
-if TYPE_CHECKING:
-    from genkit_vdm.continuous import ContinuousVDM
-    from genkit_vdm.model import VDM
+from genkit_vdm.base import VDMBase
 
 FINALS = ("mode", "sample")
 
 
-def _dtype(model: VDM) -> torch.dtype:
+def _dtype(model: VDMBase) -> torch.dtype:
     """The model's floating-point precision (float64 for a model made ``.double()``)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _noise(model: VDM, n: int, generator: torch.Generator | None) -> Tensor:
+def _noise(model: VDMBase, n: int, generator: torch.Generator | None) -> Tensor:
     shape = (n, *model.data_shape)
     return torch.randn(shape, generator=generator, device=model.device, dtype=_dtype(model))
 
 
-def _steps(model: VDM, n: int, t: int) -> Tensor:
+def _steps(model: VDMBase, n: int, t: int) -> Tensor:
     return torch.full((n,), t, dtype=torch.long, device=model.device)
 
 
 def _last_step(
-    model: VDM,
+    model: VDMBase,
     x_t: Tensor,
     generator: torch.Generator | None,
     clip: bool,
@@ -86,7 +81,7 @@ def _check_final(final: str) -> None:
 
 @torch.no_grad()
 def ancestral(
-    model: VDM,
+    model: VDMBase,
     n: int,
     generator: torch.Generator | None = None,
     clip: bool = False,
@@ -123,7 +118,7 @@ def _check_eta(eta: float) -> float:
 
 
 def _ddim_step(
-    model: VDM,
+    model: VDMBase,
     x: Tensor,
     pred,
     ab_t: Tensor,
@@ -145,7 +140,7 @@ def _ddim_step(
 
 @torch.no_grad()
 def ddim(
-    model: VDM,
+    model: VDMBase,
     n: int,
     steps: int,
     eta: float = 0.0,
@@ -168,7 +163,7 @@ def ddim(
 
 @torch.no_grad()
 def continuous(
-    model: ContinuousVDM,
+    model: VDMBase,
     n: int,
     steps: int,
     eta: float = 1.0,

@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from genkit_vdm.continuous import ContinuousVDM, diffusion_loss
+from genkit_vdm.continuous import ContinuousVDM
+from genkit_vdm.continuous_elbo import diffusion_loss
 from genkit_vdm.draws import draw_uniforms
 from genkit_vdm.logsnr import Learned, minimise_variance
 from genkit_vdm.schedules import DiscreteSchedule

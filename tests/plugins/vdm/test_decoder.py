@@ -4,7 +4,7 @@ ODE with either."""
 
 import pytest
 import torch
-from genkit_vdm.continuous import reconstruction
+from genkit_vdm.continuous_elbo import reconstruction
 from torch.distributions import Independent, Normal
 
 import genkit
