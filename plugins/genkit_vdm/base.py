@@ -91,6 +91,9 @@ class VDMConfig:
     num_res_blocks: int = attrs.field(default=1, validator=v.ge(1))
     attention_resolution: int = attrs.field(default=8, validator=v.ge(0))
     dropout: float = attrs.field(default=0.0, validator=[v.ge(0.0), v.lt(1.0)])
+    #: U-Net space-to-depth: ``p x p`` pixel patches become channels before the first
+    #: convolution (after the Fourier features), ``1``: none. ``p`` must divide H and W.
+    patch_size: int = attrs.field(default=1, validator=v.ge(1))
     #: Exponents ``n`` of the U-Net's Fourier input features ``sin/cos(2^n pi x_t)``; ``[]``:
     #: none; ``None``: ``DEFAULT_FOURIER`` for images in continuous time, none otherwise.
     fourier: Any = attrs.field(default=None, converter=_exponents)
@@ -208,6 +211,11 @@ def default_denoiser(data_shape: tuple[int, ...], cfg: VDMConfig) -> nn.Module:
             raise InvalidParameterError(
                 f"model 'vdm': denoiser='unet' needs images (C, H, W), got data_shape {data_shape}"
             )
+        if data_shape[1] % cfg.patch_size or data_shape[2] % cfg.patch_size:
+            raise InvalidParameterError(
+                f"model 'vdm': patch_size={cfg.patch_size} must divide the image size "
+                f"{data_shape[1]}x{data_shape[2]}"
+            )
         return UNet(
             data_shape,
             channels=cfg.channels,
@@ -217,6 +225,7 @@ def default_denoiser(data_shape: tuple[int, ...], cfg: VDMConfig) -> nn.Module:
             dropout=cfg.dropout,
             fourier=fourier,
             time_scale=time_scale,
+            patch_size=cfg.patch_size,
         )
     dim = int(torch.Size(data_shape).numel())
     net = MLPDenoiser(dim, hidden=cfg.hidden, depth=cfg.depth, time_scale=time_scale)

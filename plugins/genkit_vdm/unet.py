@@ -109,7 +109,10 @@ class UNet(nn.Module):
     per level (one more on the way up, taking the skips), self-attention at levels whose
     resolution is at most ``attention_resolution`` (0 disables it) and in the middle. ``fourier``:
     exponents ``n`` of the Fourier features concatenated to the input (empty: none);
-    ``time_scale``: the embedding sees ``time_scale * t``.
+    ``time_scale``: the embedding sees ``time_scale * t``; ``patch_size = p > 1``: space-to-depth
+    (Hoogeboom et al. 2023), the input and its Fourier features (computed at full resolution)
+    folded into ``p x p`` patches, ``(C', H, W) -> (C' p^2, H/p, W/p)``, before the first
+    convolution, and the output unfolded back, so every level runs at ``1/p`` of the resolution.
     """
 
     def __init__(
@@ -122,15 +125,22 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         fourier: Sequence[int] = (),
         time_scale: float = 1.0,
+        patch_size: int = 1,
     ) -> None:
         super().__init__()
         c, h, w = data_shape
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"patch_size {patch_size} must divide the image size {h}x{w}")
         emb_dim = 4 * channels
         self.channels = channels
         self.fourier = tuple(int(n) for n in fourier)
         self.time_scale = float(time_scale)
+        self.patch_size = int(patch_size)
         self.embed = mlp([channels, emb_dim, emb_dim])
-        self.conv_in = nn.Conv2d(c * (1 + 2 * len(self.fourier)), channels, 3, padding=1)
+        # space-to-depth: p x p patches become channels after the Fourier features
+        c_in = c * (1 + 2 * len(self.fourier)) * patch_size**2
+        h, w = h // patch_size, w // patch_size
+        self.conv_in = nn.Conv2d(c_in, channels, 3, padding=1)
 
         def attn(ch: int, res: int) -> nn.Module:
             return SelfAttention(ch) if res <= attention_resolution else nn.Identity()
@@ -179,7 +189,7 @@ class UNet(nn.Module):
                     up = nn.Identity()
                 self.up.append(up)
         self.norm_out = nn.GroupNorm(_groups(ch), ch)
-        self.conv_out = Float32Conv2d(ch, c, 3, padding=1)
+        self.conv_out = Float32Conv2d(ch, c * patch_size**2, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -189,6 +199,8 @@ class UNet(nn.Module):
         emb = self.embed(timestep_embedding(t, self.channels).to(x.dtype))
         if self.fourier:
             x = torch.cat([x, fourier_features(x, self.fourier)], dim=1)
+        if self.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.patch_size)
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:
@@ -200,7 +212,8 @@ class UNet(nn.Module):
                 h = layer[1](layer[0](torch.cat([h, hs.pop()], dim=1), emb))
             else:
                 h = layer(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, self.patch_size) if self.patch_size > 1 else out
 
 
 class MLPDenoiser(nn.Module):

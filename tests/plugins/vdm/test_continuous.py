@@ -141,6 +141,48 @@ def test_zero_prediction_gives_the_closed_form_half_d_times_the_log_snr_range():
     assert abs(got.mean().item() - expected) < 4 * se.item(), (got.mean(), expected, se)
 
 
+@pytest.mark.parametrize(
+    "unet",
+    [
+        {},
+        {"channel_mults": (1, 2, 2)},
+        {"patch_size": 2},
+        {"patch_size": 2, "channel_mults": (1, 2)},
+    ],
+    ids=["default", "three_levels", "patch2", "patch2_two_levels"],
+)
+def test_a_unet_at_its_initial_zero_output_gives_the_same_closed_form(unet):
+    """Every U-Net option starts with a zero output layer: eps_hat = 0 whatever its layout, so
+    the loss is the closed form D/2 (lambda_max - lambda_min) with D = 64 on 8x8 images."""
+    torch.manual_seed(0)
+    m = genkit.create_model(
+        "vdm", (1, 8, 8), timesteps=0, schedule="fixed_linear", channels=8, **unet
+    )
+    x = _images(1, shape=(1, 8, 8)).repeat(4000, 1, 1, 1)
+    with torch.no_grad():
+        got = -m.elbo(x).terms["denoising_matching"].double()
+    expected = 64 / 2 * (13.3 - (-5.0))
+    se = got.std() / math.sqrt(got.numel())
+    assert abs(got.mean().item() - expected) < 4 * se.item(), (got.mean(), expected, se)
+
+
+def test_space_to_depth_folds_the_input_and_its_fourier_features_and_unfolds_the_output():
+    """patch_size=2 on 8x8: the first convolution takes (x and 4 Fourier pairs) x 4 patch
+    positions at 4x4, the last gives 4 channels that unfold to 8x8, and a size the patch does
+    not divide is one line."""
+    m = genkit.create_model("vdm", (1, 8, 8), timesteps=0, channels=8, patch_size=2)
+    net = m.net
+    assert net.conv_in.in_channels == 1 * (1 + 2 * 4) * 4  # x and 4 Fourier pairs, per patch
+    assert net.conv_out.out_channels == 4
+    x = torch.randn(3, 1, 8, 8)
+    folded = torch.nn.functional.pixel_unshuffle(x, 2)
+    assert torch.equal(torch.nn.functional.pixel_shuffle(folded, 2), x)
+    out = net(x, torch.full((3,), 0.5))
+    assert out.shape == x.shape
+    with pytest.raises(InvalidParameterError, match="patch_size=3 must divide"):
+        genkit.create_model("vdm", (1, 8, 8), timesteps=0, patch_size=3)
+
+
 def test_the_bayes_optimal_denoiser_on_gaussian_data_is_tight_in_continuous_time():
     """ELBO within 0.01 nats/dim of log p(x); the exact discrete sum with T = 1000 on the linear
     schedule is 0.4 nats/dim looser for the same denoiser (where discrete time loses)."""
