@@ -47,6 +47,12 @@ def _weights(_inst: Any, _attribute: attrs.Attribute, value: Mapping[str, float]
         raise ValueError(f"'objective_weights' must be finite numbers, got {bad!r}")
 
 
+def _multipliers(_inst: Any, _attribute: attrs.Attribute, value: Mapping[str, float]) -> None:
+    bad = {k: m for k, m in value.items() if not (math.isfinite(m) and m >= 0)}
+    if bad:
+        raise ValueError(f"'lr_multipliers' must be finite numbers >= 0, got {bad!r}")
+
+
 @attrs.frozen(kw_only=True)
 class TrainConfig:
     """Everything the :class:`~genkit.training.Trainer` needs besides a model and data.
@@ -70,6 +76,11 @@ class TrainConfig:
     lr: float = attrs.field(default=2e-3, validator=v.gt(0.0))
     betas: tuple[float, float] = attrs.field(default=(0.9, 0.999), validator=_betas)
     weight_decay: float = attrs.field(default=0.0, validator=v.ge(0.0))
+    #: Learning-rate multipliers by parameter name: a parameter whose name (in
+    #: ``model.named_parameters()``) is ``KEY`` or starts with ``KEY.`` trains at
+    #: ``lr * multiplier`` (the longest matching key wins; ``0`` freezes it), e.g.
+    #: ``{"encoder.schedule" = 0.1}`` for a VDM's learned noise schedule.
+    lr_multipliers: dict[str, float] = attrs.field(factory=dict, validator=_multipliers)
     # -- learning-rate schedule: linear warm-up over ``lr_warmup_steps``, then ``schedule``
     schedule: str = attrs.field(default="cosine", validator=_choice("cosine", "constant"))
     lr_warmup_steps: int = attrs.field(default=100, validator=v.ge(0))
@@ -220,7 +231,13 @@ def apply_overrides(
     """
     train, model = dict(train), dict(model)
     valid = field_names(TrainConfig)
-    tables = ("objective_weights", "estimator_params", "eval_estimator_params", "sample_params")
+    tables = (
+        "objective_weights",
+        "lr_multipliers",
+        "estimator_params",
+        "eval_estimator_params",
+        "sample_params",
+    )
     for key, value in parse_pairs(pairs):
         head, _, rest = key.partition(".")
         if head == "model" and rest:

@@ -210,7 +210,10 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             )
         self._forward = forward
         self.optimizer = torch.optim.AdamW(
-            self._params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay
+            _param_groups(self.model, config.lr, config.lr_multipliers),
+            lr=config.lr,
+            betas=tuple(config.betas),
+            weight_decay=config.weight_decay,
         )
 
         self.step = 0
@@ -661,6 +664,36 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         ckpt.write_atomic(
             self.run_dir / "config.json", lambda f: f.write(text.encode()), what="run config"
         )
+
+
+def _param_groups(
+    model: nn.Module, lr: float, multipliers: Mapping[str, float]
+) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: the trainable parameters at ``lr``, and for each multiplier of
+    ``lr_multipliers`` those whose name is its key or starts with ``key.`` (the longest key
+    wins) at ``lr * multiplier``. A key that names no trainable parameter is a
+    :class:`ConfigError`."""
+
+    def key_of(name: str) -> str | None:
+        keys = [k for k in multipliers if name == k or name.startswith(k + ".")]
+        return max(keys, key=len) if keys else None
+
+    groups: dict[str | None, list[nn.Parameter]] = {None: []}
+    groups.update({k: [] for k in multipliers})
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[key_of(name)].append(p)
+    unused = [k for k in multipliers if not groups[k]]
+    if unused:
+        tops = sorted({n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad})
+        raise ConfigError(
+            f"lr_multipliers: {', '.join(map(repr, unused))} names no trainable parameter of "
+            f"the model; keys are parameter-name prefixes such as {', '.join(tops)} "
+            "(see model.named_parameters())"
+        )
+    # the base group first (possibly empty), so that param_groups[0]["lr"] is the logged lr
+    out = [{"params": groups.pop(None), "lr": lr}]
+    return out + [{"params": ps, "lr": lr * multipliers[k]} for k, ps in groups.items()]
 
 
 def _matching_tensors(model: nn.Module, ema: nn.Module) -> tuple[list[Tensor], list[Tensor]]:

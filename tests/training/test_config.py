@@ -29,6 +29,7 @@ def test_overrides_split_train_model_and_table_entries():
             "lr=1e-3",
             "betas=[0.8, 0.9]",
             "objective_weights.prior_matching=0.5",
+            "lr_multipliers.encoder.schedule=0.1",
             "model.latent_dim=8",
             "precision=bf16",
         ],
@@ -36,6 +37,7 @@ def test_overrides_split_train_model_and_table_entries():
     cfg = make_config(train)
     assert cfg.lr == 1e-3 and cfg.betas == (0.8, 0.9) and cfg.precision == "bf16"
     assert cfg.objective_weights == {"reconstruction": 2.0, "prior_matching": 0.5}
+    assert cfg.lr_multipliers == {"encoder.schedule": 0.1}  # the key is the rest, dots and all
     assert model == {"hidden": 16, "latent_dim": 8}
 
 

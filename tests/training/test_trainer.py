@@ -331,6 +331,40 @@ def test_logged_lr_is_the_rate_each_step_used(images):
     assert logged == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
 
 
+def test_lr_multipliers_scale_each_parameter_group_by_the_longest_matching_key(images):
+    """The first AdamW step moves each parameter by about its rate (``g / sqrt(g^2)``): lr for
+    ``log_scale``, ``0.5 lr`` for ``lin.weight`` (key ``lin``), ``0.1 lr`` for ``lin.bias`` (key
+    ``lin.bias``, longer than ``lin``); the logged lr is the base rate."""
+    rec = Recorder()
+    cfg = TrainConfig(
+        steps=1,
+        batch_size=16,
+        lr=0.01,
+        lr_warmup_steps=0,
+        schedule="constant",
+        log_every=1,
+        lr_multipliers={"lin": 0.5, "lin.bias": 0.1},
+    )
+    torch.manual_seed(0)
+    trainer = Trainer(TinyModel(), cfg, images, catalog=catalog_with(rec), progress=False)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.start()
+    trainer.train(1)
+    trainer.close()
+    for name, rate in (("log_scale", 0.01), ("lin.weight", 0.005), ("lin.bias", 0.001)):
+        moved = (dict(trainer.model.named_parameters())[name] - before[name]).abs().max()
+        torch.testing.assert_close(moved, torch.tensor(rate), rtol=1e-3, atol=0.0, msg=name)
+    assert [m["lr"] for _, _, m in rec.of("step")] == pytest.approx([0.01])
+
+
+def test_an_lr_multiplier_that_names_no_parameter_is_a_clear_error(images):
+    cfg = TrainConfig(steps=1, batch_size=16, lr_multipliers={"encoder.schedule": 0.1})
+    with pytest.raises(ConfigError, match=r"'encoder.schedule' names no trainable parameter.*lin"):
+        Trainer(TinyModel(), cfg, images, progress=False)
+    with pytest.raises(ValueError, match="lr_multipliers' must be finite numbers >= 0"):
+        TrainConfig(lr_multipliers={"lin": -1.0})
+
+
 def test_evaluation_and_sampling_do_not_disturb_training(tmp_path):
     """Periodic evaluation and sample grids use private random streams: the VAE (random z
     every step) ends with the same parameters as a run that never evaluates."""
