@@ -3,9 +3,10 @@
 Each step minimises the batch mean of ``ELBOTerms.objective(weights)``, the weighted negative
 ELBO ``-(sum_k w_k terms_k + sum_j w_j extras_j)`` (weights from ``objective_weights``, with
 ``warmup_terms`` ramped linearly from 0 over ``warmup_steps``), with AdamW, a warm-up + cosine
-(or constant) learning rate, gradient clipping and an EMA of the weights. What is logged and
-reported as the ELBO is always the unweighted ``total = sum_k terms_k``. With a ``minutes``
-budget the step count is fixed from the measured step time (:data:`CALIBRATION_STEPS`).
+(or constant) learning rate, optional gradient clipping (``grad_clip``, off by default) and an
+EMA of the weights. What is logged and reported as the ELBO is always the unweighted ``total =
+sum_k terms_k``. With a ``minutes`` budget the step count is fixed from the measured step time
+(:data:`CALIBRATION_STEPS`).
 
 The :class:`Trainer` is this loop; its evaluation and sampling (with the EMA weights) are
 :class:`~genkit.training.evaluating.EvaluationMixin`'s, its checkpoints and exact resume
@@ -678,8 +679,10 @@ def _param_groups(
         keys = [k for k in multipliers if name == k or name.startswith(k + ".")]
         return max(keys, key=len) if keys else None
 
+    # sorted: config.json keeps the keys sorted, and a resumed optimizer matches groups by
+    # position
     groups: dict[str | None, list[nn.Parameter]] = {None: []}
-    groups.update({k: [] for k in multipliers})
+    groups.update({k: [] for k in sorted(multipliers)})
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups[key_of(name)].append(p)

@@ -357,6 +357,17 @@ def test_lr_multipliers_scale_each_parameter_group_by_the_longest_matching_key(i
     assert [m["lr"] for _, _, m in rec.of("step")] == pytest.approx([0.01])
 
 
+def test_lr_multiplier_groups_do_not_depend_on_the_order_of_the_keys(images):
+    """config.json stores the keys sorted and a resumed optimizer matches its groups by
+    position: the groups must come out in the same order whatever the order given."""
+    rates = []
+    for multipliers in ({"lin": 0.5, "log_scale": 2.0}, {"log_scale": 2.0, "lin": 0.5}):
+        cfg = TrainConfig(steps=1, batch_size=16, lr=0.01, lr_multipliers=multipliers)
+        trainer = Trainer(TinyModel(), cfg, images, progress=False)
+        rates.append([g["initial_lr"] for g in trainer.optimizer.param_groups])
+    assert rates[0] == rates[1] == pytest.approx([0.01, 0.005, 0.02])
+
+
 def test_an_lr_multiplier_that_names_no_parameter_is_a_clear_error(images):
     cfg = TrainConfig(steps=1, batch_size=16, lr_multipliers={"encoder.schedule": 0.1})
     with pytest.raises(ConfigError, match=r"'encoder.schedule' names no trainable parameter.*lin"):
