@@ -104,6 +104,7 @@ def main() -> None:
         eval_every=0,
         checkpoint_every=0,
         lr_warmup_steps=10,
+        grad_clip=1.0,  # the plain loop clips as the Trainer does
         device="cpu",
     )
     with tempfile.TemporaryDirectory() as run_dir:

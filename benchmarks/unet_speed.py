@@ -17,8 +17,9 @@ Prints a table (net, format, s/step, parameters), the ratio ``genkit best / diff
 as a speed-up (diffusers' s/step over genkit's: > 1 means genkit is faster; the issue asks for
 >= 1.5) and genkit's channels_last speed-up over its own NCHW.
 
-The nets. genkit: ``genkit.create_model("vdm", (C, H, W), timesteps=1000).net`` (channels 32,
-mults (1, 2), one residual block per level, attention at resolution <= 8 and in the middle,
+The nets. genkit: ``genkit.create_model("vdm", (C, H, W), timesteps=1000, channels=32,
+channel_mults=(1, 2), attention_resolution=8).net`` (the defaults before issue #21: channels
+32, mults (1, 2), one residual block per level, attention at resolution <= 8 and in the middle,
 GroupNorm(8), SiLU, sinusoidal time embedding + MLP, stride-2 conv down, nearest + conv up).
 At 28x28 its levels are 28x28 and 14x14, so its only attention is the middle one (14x14, 4
 heads). diffusers, ``--diffusers-config matched`` (default): ``UNet2DModel(sample_size=H,
@@ -71,7 +72,9 @@ def default_threads() -> int:
 
 
 def genkit_net(shape: tuple[int, int, int]) -> nn.Module:
-    return genkit.create_model("vdm", shape, timesteps=T).net
+    return genkit.create_model(
+        "vdm", shape, timesteps=T, channels=32, channel_mults=(1, 2), attention_resolution=8
+    ).net
 
 
 def diffusers_net(shape: tuple[int, int, int], config: str) -> nn.Module:

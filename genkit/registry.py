@@ -14,17 +14,18 @@ from __future__ import annotations
 import functools
 import importlib.metadata as md
 import inspect
+import json
 import numbers
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 import pluggy
 
 from genkit import hookspecs
-from genkit.config import did_you_mean, structure
+from genkit.config import did_you_mean, structure, unstructure
 from genkit.errors import InvalidParameterError, PluginError, UnknownModelError, UnknownNameError
 
 ENTRYPOINT_GROUP = "genkit"
@@ -304,6 +305,35 @@ def create_model(name: str, data_shape: tuple[int, ...], **params: Any):
             f"{type(model).__name__}, not a genkit.LatentVariableModel"
         )
     return model
+
+
+def resolved_params(model: Any) -> dict[str, Any] | None:
+    """Every parameter of a built model, defaults filled in, as JSON-ready values: its
+    ``config`` (an attrs instance, as every built-in model keeps) unstructured. A run records
+    it, so that a later change of a default cannot change the model its folder rebuilds.
+    ``None`` for a model without such a ``config`` or with values JSON cannot hold."""
+    config = getattr(model, "config", None)
+    if not attrs.has(type(config)):
+        return None
+    try:
+        return json.loads(json.dumps(unstructure(config)))
+    except (TypeError, ValueError):
+        return None
+
+
+def create_run_model(model_info: Mapping[str, Any], data_shape: tuple[int, ...]) -> Any:
+    """The model of a run's ``config.json`` ``model`` entry (``{"name", "params", "config"}``):
+    built from the resolved ``config`` it recorded; a run recorded before runs held one has
+    only the ``params`` it was given, which are applied over its config class's
+    ``LEGACY_DEFAULTS`` (the defaults of then, where they have changed since)."""
+    name = model_info["name"]
+    if model_info.get("config") is not None:
+        return create_model(name, data_shape, **model_info["config"])
+    params = dict(model_info.get("params") or {})
+    model = create_model(name, data_shape, **params)
+    legacy = getattr(type(getattr(model, "config", None)), "LEGACY_DEFAULTS", None) or {}
+    missing = {k: v for k, v in legacy.items() if k not in params}
+    return create_model(name, data_shape, **missing, **params) if missing else model
 
 
 def _data_shape(data_shape: Any) -> tuple[int, ...]:

@@ -188,12 +188,12 @@ def test_hvae_every_transition_is_float32_under_bf16_autocast(params):
 # -- the VDM's denoisers -------------------------------------------------------------------
 
 
-def _vdm(data_shape: tuple[int, ...]) -> nn.Module:
+def _vdm(data_shape: tuple[int, ...], **extra) -> nn.Module:
     """A tiny VDM whose denoiser's output layer is moved off its zero initialisation (a zero
     head gives eps_hat = 0 in any precision, which would test nothing)."""
     torch.manual_seed(0)
     params = {"channels": 8} if len(data_shape) == 3 else {"hidden": 32, "depth": 2}
-    model = genkit.create_model("vdm", data_shape, **params)
+    model = genkit.create_model("vdm", data_shape, **params, **extra)
     with torch.no_grad():
         head = _last_layer(model.net)
         head.weight.normal_(0.0, 0.2)
@@ -231,6 +231,7 @@ ELBO_CASES = {
     "hvae-mlp": ("hvae", (1, 8, 8), {**HVAE, "net": "mlp"}, 2e-4),
     "hvae-conv": ("hvae", (1, 8, 8), {**HVAE, "transitions": "conv"}, 2e-4),
     "vdm-unet": ("vdm", (1, 8, 8), None, 2e-2),
+    "vdm-unet-attention": ("vdm", (1, 8, 8), {"attention_resolution": 8}, 2e-2),
     "vdm-mlp": ("vdm", (12,), None, 1.5e-3),
 }
 
@@ -239,7 +240,7 @@ ELBO_CASES = {
 def test_elbo_under_bf16_autocast_is_float32_and_close_to_fp32(case):
     name, data_shape, params, rtol = ELBO_CASES[case]
     if name == "vdm":
-        model = _vdm(data_shape)
+        model = _vdm(data_shape, **(params or {}))
     else:
         torch.manual_seed(0)
         model = genkit.create_model(name, data_shape, **params)
@@ -284,8 +285,9 @@ class _Scaled(nn.Module):
         ((4,), {"schedule": "fixed_linear"}),
         ((1, 4, 4), {"channels": 8, "schedule": "fixed_linear"}),
         ((1, 4, 4), {"channels": 8, "timesteps": 3}),
+        ((1, 4, 4), {"channels": 8, "attention_resolution": 4, "schedule": "fixed_linear"}),
     ],
-    ids=["mlp", "unet-fourier", "unet-discrete"],
+    ids=["mlp", "unet-fourier", "unet-discrete", "unet-attention"],
 )
 def test_float64_vdm_with_the_default_denoiser_runs_end_to_end(data_shape, params):
     """``create_vdm((4,), timesteps=0).double().elbo(x64)`` crashed: the time embedding was

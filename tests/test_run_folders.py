@@ -471,3 +471,42 @@ def test_running_out_of_memory_is_one_line(finished, tmp_path, monkeypatch):
         )
     )
     assert text.startswith("Error: out of memory") and "-n" in text
+
+
+def test_a_run_rebuilds_the_model_it_recorded_whatever_the_defaults_are_now(tmp_path):
+    """A run records its model's resolved config, and eval/resume build from it; a run recorded
+    before runs held one (only the params it was given) is rebuilt over the defaults of then
+    (``VDMConfig.LEGACY_DEFAULTS``): the U-Net defaults changed in issue #21, and such a
+    folder must still load, evaluate and resume."""
+    from genkit_vdm.base import VDMConfig
+
+    from genkit.registry import create_run_model
+
+    data = synthetic_h5(tmp_path / "d.h5")
+    run = tmp_path / "run"
+    old = {f"model.{k}": v for k, v in VDMConfig.LEGACY_DEFAULTS.items()}
+    sets = [f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in old.items()]
+    args = ["--set", "model.timesteps=0", "--set", "eval_every=0", "--set", "num_samples=0"]
+    for s in sets:
+        args += ["--set", s]
+    invoke("train", "--model", "vdm", "--data", data, "--out", run, "--set", "steps=2", *args, "-q")
+    config = json.loads((run / "config.json").read_text())
+    recorded = config["model"]["config"]
+    assert recorded["channels"] == 32 and recorded["attention_resolution"] == 8
+    # the folder as genkit wrote it before: only the params given, and those were none of
+    # the U-Net's (it was trained with the defaults of then)
+    config["model"] = {"name": "vdm", "params": {"timesteps": 0}}
+    (run / "config.json").write_text(json.dumps(config))
+    model = create_run_model(config["model"], (1, 8, 8))
+    assert (model.config.channels, model.config.channel_mults) == (32, (1, 2))
+    assert "bits/dim" in invoke("eval", run, "--mc-se", "0")
+    invoke("train", "--out", run, "--resume", "--set", "steps=3", "-q")
+    assert json.loads((run / "config.json").read_text())["model"]["config"]["channels"] == 32
+    # and a run of today's defaults records them, so it is rebuilt as trained
+    new = tmp_path / "new"
+    invoke(
+        "train", "--model", "vdm", "--data", data, "--out", new, "--set", "steps=2", *args[:6], "-q"
+    )
+    recorded = json.loads((new / "config.json").read_text())["model"]
+    assert recorded["config"]["channels"] == VDMConfig().channels
+    assert create_run_model(recorded, (1, 8, 8)).config == VDMConfig(timesteps=0)

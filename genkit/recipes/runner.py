@@ -309,8 +309,9 @@ def run_one(
     its checkpoint). Under ``torchrun`` every rank calls it: the run trains with DDP and its
     evaluation is sharded (:func:`genkit.evaluation.evaluate`); rank 0 alone moves, samples
     and writes files."""
-    from genkit.registry import create_model
+    from genkit.registry import create_model, create_run_model, resolved_params
     from genkit.training import checkpoint as ckpt
+    from genkit.training.cli import read_run_config
     from genkit.training.logging import image_grid, save_png
     from genkit.training.trainer import Trainer
 
@@ -327,9 +328,14 @@ def run_one(
     resume = action == RESUME
     echo(f"{spec.name}: {'resuming' if resume else 'training'} {spec.model} ({_budget(run)})")
     torch.manual_seed(run.config.seed)
-    model = create_model(spec.model, tuple(train_ds.data_shape), **spec.params)
+    shape = tuple(train_ds.data_shape)
+    if resume:  # the model the run recorded, whatever today's defaults
+        recorded = read_run_config(run_dir)["model"]
+        model = create_run_model({**recorded, "params": spec.params}, shape)
+    else:
+        model = create_model(spec.model, shape, **spec.params)
     info = {
-        "model": {"name": spec.model, "params": spec.params},
+        "model": {"name": spec.model, "params": spec.params, "config": resolved_params(model)},
         "data": recipe.data,
         "recipe": {"name": recipe.name, "source": recipe.source, "run": spec.name},
         provenance.KEY: run.made_by,

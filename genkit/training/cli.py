@@ -130,7 +130,7 @@ def train(
     genkit train --model vae --data x.h5 --out runs/b --set lr=1e-3 --set model.latent_dim=8
     torchrun --nproc_per_node=2 -m genkit train --model vae --data builtin:digits --out runs/d
     """
-    from genkit.registry import create_model
+    from genkit.registry import create_model, create_run_model, resolved_params
     from genkit.training.trainer import Trainer
 
     train_cfg: dict[str, Any] = {}
@@ -183,9 +183,17 @@ def train(
                     f"({provenance.summary(changed)}); resume on the same data, or train a new run"
                 )
         torch.manual_seed(config.seed)  # the same initial weights on every rank and run
-        model = create_model(model_name, tuple(train_ds.data_shape), **model_params)
+        shape = tuple(train_ds.data_shape)
+        if resume:  # the model the run recorded, whatever today's defaults
+            model = create_run_model({**saved["model"], "params": model_params}, shape)
+        else:
+            model = create_model(model_name, shape, **model_params)
         run_info = {
-            "model": {"name": model_name, "params": model_params},
+            "model": {
+                "name": model_name,
+                "params": model_params,
+                "config": resolved_params(model),
+            },
             "data": spec,
             provenance.KEY: made,
         }
@@ -223,7 +231,7 @@ def load_run(
     """The run's model with the weights of its latest (or the given) checkpoint: the EMA
     weights unless ``use_ema`` is false; of a ``keep_best`` run, the best EMA weights by
     validation unless ``last``. Returns ``(model, run config, checkpoint path)``."""
-    from genkit.registry import create_model
+    from genkit.registry import create_run_model
 
     info = read_run_config(run_dir)
     older: list[Path] = []
@@ -242,9 +250,7 @@ def load_run(
             f"{exc}; older checkpoints: {', '.join(p.name for p in reversed(older))} "
             f"(pass --checkpoint {older[-1]} to use the newest of them)"
         ) from None
-    model = create_model(
-        info["model"]["name"], tuple(info["data_shape"]), **info["model"].get("params", {})
-    )
+    model = create_run_model(info["model"], tuple(info["data_shape"]))
     weights = state["ema" if use_ema else "model"]
     info["weights"] = "EMA" if use_ema else "raw"
     if use_ema and not last and isinstance(state.get("best"), dict):

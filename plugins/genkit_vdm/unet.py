@@ -118,10 +118,10 @@ class UNet(nn.Module):
     def __init__(
         self,
         data_shape: tuple[int, int, int],
-        channels: int = 32,
-        channel_mults: Sequence[int] = (1, 2),
+        channels: int = 16,
+        channel_mults: Sequence[int] = (1, 2, 2),
         num_res_blocks: int = 1,
-        attention_resolution: int = 8,
+        attention_resolution: int = 0,
         dropout: float = 0.0,
         fourier: Sequence[int] = (),
         time_scale: float = 1.0,

@@ -188,7 +188,12 @@ def test_cli_train_eval_sample_end_to_end(tmp_path):
     )
     assert "reconstruction" in out and "bits/dim" in out and "step 6" in out
     info = json.loads((run / "config.json").read_text())
-    assert info["model"] == {"name": "vae", "params": {"latent_dim": 3, "hidden": 16}}
+    assert {k: info["model"][k] for k in ("name", "params")} == {
+        "name": "vae",
+        "params": {"latent_dim": 3, "hidden": 16},
+    }
+    # and every parameter resolved, so a later change of a default keeps this run's model
+    assert info["model"]["config"]["latent_dim"] == 3 and info["model"]["config"]["depth"] == 2
     assert info["data"] == str(data.resolve()) and info["data_shape"] == [1, 8, 8]
     assert info["train"]["objective_weights"] == {"prior_matching": 0.5}
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000006.pt"]

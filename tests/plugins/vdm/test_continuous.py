@@ -145,11 +145,11 @@ def test_zero_prediction_gives_the_closed_form_half_d_times_the_log_snr_range():
     "unet",
     [
         {},
-        {"channel_mults": (1, 2, 2)},
+        {"channel_mults": (1, 2), "attention_resolution": 8},
         {"patch_size": 2},
         {"patch_size": 2, "channel_mults": (1, 2)},
     ],
-    ids=["default", "three_levels", "patch2", "patch2_two_levels"],
+    ids=["default", "two_levels_attention", "patch2", "patch2_two_levels"],
 )
 def test_a_unet_at_its_initial_zero_output_gives_the_same_closed_form(unet):
     """Every U-Net option starts with a zero output layer: eps_hat = 0 whatever its layout, so

@@ -32,15 +32,20 @@ def test_default_denoiser_keeps_the_shape_and_trains(shape):
 def test_unet_depth_and_width_are_configurable():
     small = genkit.create_model("vdm", (1, 28, 28), channels=8, channel_mults=(1,))
     big = genkit.create_model(
-        "vdm", (1, 28, 28), channels=8, channel_mults=(1, 2, 2), num_res_blocks=2
+        "vdm",
+        (1, 28, 28),
+        channels=8,
+        channel_mults=(1, 2, 2),
+        num_res_blocks=2,
+        attention_resolution=8,
     )
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(small) < count(big)
     x = torch.zeros(1, 1, 28, 28)
     assert big.net(x, torch.tensor([3])).shape == x.shape
     attention = [mod for mod in big.modules() if type(mod).__name__ == "SelfAttention"]
-    assert attention  # at 7x7 and in the middle, with the default attention_resolution=8
-    plain = genkit.create_model("vdm", (1, 28, 28), channels=8, attention_resolution=0)
+    assert attention  # at 7x7 and in the middle, with attention_resolution=8
+    plain = genkit.create_model("vdm", (1, 28, 28), channels=8)  # the default: none
     assert not [mod for mod in plain.modules() if type(mod).__name__ == "SelfAttention"]
     assert plain.net(x, torch.tensor([3])).shape == x.shape
 
