@@ -225,11 +225,6 @@ def default_denoiser(data_shape: tuple[int, ...], cfg: VDMConfig) -> nn.Module:
             raise InvalidParameterError(
                 f"model 'vdm': denoiser='unet' needs images (C, H, W), got data_shape {data_shape}"
             )
-        if data_shape[1] % cfg.patch_size or data_shape[2] % cfg.patch_size:
-            raise InvalidParameterError(
-                f"model 'vdm': patch_size={cfg.patch_size} must divide the image size "
-                f"{data_shape[1]}x{data_shape[2]}"
-            )
         return UNet(
             data_shape,
             channels=cfg.channels,

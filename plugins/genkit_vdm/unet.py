@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from genkit.errors import InvalidParameterError
 from genkit.nets import Float32Conv2d, mlp
 
 
@@ -130,7 +131,9 @@ class UNet(nn.Module):
         super().__init__()
         c, h, w = data_shape
         if h % patch_size or w % patch_size:
-            raise ValueError(f"patch_size {patch_size} must divide the image size {h}x{w}")
+            raise InvalidParameterError(
+                f"model 'vdm': patch_size={patch_size} must divide the image size {h}x{w}"
+            )
         emb_dim = 4 * channels
         self.channels = channels
         self.fourier = tuple(int(n) for n in fourier)
