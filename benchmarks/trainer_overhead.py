@@ -40,8 +40,9 @@ class PlainLoop:
         self.ema = copy.deepcopy(model).requires_grad_(False)
         self.params = list(model.parameters())
         self.ema_params = list(self.ema.parameters())
+        # fused, as the Trainer's: the ratio is the Trainer's overhead, not the optimizer's
         self.opt = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+            self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: cfg.lr_factor(s, total))
         self.epoch = 0

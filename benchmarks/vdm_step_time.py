@@ -1,10 +1,12 @@
-"""Seconds per training step of the continuous VDM on 28x28 grey images: fp32, bf16 autocast
-and ``torch.compile``, for today's default U-Net and any other layout, in one process.
+"""Seconds per training step of the continuous VDM on grey images (28x28 unless ``--shape``
+says otherwise): fp32, bf16 autocast and ``torch.compile``, for today's default U-Net and any
+other layout, in one process.
 
     python benchmarks/vdm_step_time.py [--batch-size 16] [--steps 40] [--modes fp32,bf16,compile]
         [--params '{"channels": 32, "channel_mults": [1, 2], "attention_resolution": 8}']
+        [--shape 1,8,8] [--threads N]
 
-A step is what the Trainer does per batch: the ELBO's objective, backward and AdamW, on random
+A step is what the Trainer does per batch: the ELBO's objective, backward and fused AdamW, on random
 8-bit images in ``channels_last`` (the Trainer's layout for images). For each mode it prints
 the first step's seconds (``compile``: the compilation) and the mean wall seconds of
 ``--steps`` steps after three warm-up steps. ``compile`` compiles each of the model's
@@ -23,16 +25,18 @@ import torch
 import genkit
 
 
-def step_time(mode: str, params: dict, batch_size: int, steps: int) -> tuple[float, float]:
+def step_time(
+    mode: str, params: dict, batch_size: int, steps: int, shape: tuple[int, ...] = (1, 28, 28)
+) -> tuple[float, float]:
     """``(first step seconds, mean seconds per step)`` of ``mode`` (module docstring)."""
     torch.manual_seed(0)
-    model = genkit.create_model("vdm", (1, 28, 28), timesteps=0, **params)
+    model = genkit.create_model("vdm", shape, timesteps=0, **params)
     model = model.to(memory_format=torch.channels_last)
     if mode == "compile":
         for child in model.children():
             child.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, 256, (batch_size, 1, 28, 28)).float() / 127.5 - 1
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the Trainer's
+    x = torch.randint(0, 256, (batch_size, *shape)).float() / 127.5 - 1
     x = x.contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
@@ -59,12 +63,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--modes", default="fp32,bf16,compile")
     ap.add_argument("--params", default="{}", help="create_model keyword arguments (JSON)")
+    ap.add_argument("--shape", default="1,28,28", help="C,H,W of the images")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = ap.parse_args()
     params = json.loads(args.params)
+    shape = tuple(int(n) for n in args.shape.split(","))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     for mode in args.modes.split(","):
-        first, per = step_time(mode, params, args.batch_size, args.steps)
+        first, per = step_time(mode, params, args.batch_size, args.steps, shape)
         print(
             f"{mode:<8} {per:.4f} s/step (first step {first:.1f} s), batch {args.batch_size}, "
+            f"shape {shape}, "
             f"params {params or 'defaults'}, {torch.get_num_threads()} threads",
             flush=True,
         )

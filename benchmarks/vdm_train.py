@@ -51,7 +51,8 @@ class PlainLoop:
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.params = list(self.net.parameters())
         self.ema_params = list(self.ema.parameters())
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas)
+        # fused, as the Trainer's: the ratio is the Trainer's overhead, not the optimizer's
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, fused=True)
         self.epoch, self.it = 0, None
 
     def batch(self) -> torch.Tensor:

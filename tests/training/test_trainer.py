@@ -461,6 +461,38 @@ def test_gradients_are_clipped_and_the_logged_norm_is_before_clipping(images):
         torch.testing.assert_close(clipped.grad, full.grad * (0.5 / norm.item()))
 
 
+def test_the_trainers_fused_adamw_takes_the_textbook_adamw_steps(images):
+    """Three steps of the Trainer (fused AdamW on the CPU, weight decay, constant lr) against
+    ``torch.optim.AdamW``'s loop over the parameters on the same batches: the same weights."""
+    cfg = TrainConfig(
+        steps=3,
+        batch_size=16,
+        lr=0.01,
+        lr_warmup_steps=0,
+        schedule="constant",
+        weight_decay=0.1,
+        ema_decay=0.0,
+        log_every=1,
+    )
+    torch.manual_seed(0)
+    model = TinyModel()
+    reference = copy.deepcopy(model)
+    before = flat_params(model).clone()
+    trainer = Trainer(model, cfg, images, progress=False)
+    assert trainer.optimizer.defaults["fused"]
+    opt = torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.1, foreach=False)
+    trainer.start()
+    for k in range(3):
+        x = images[16 * k : 16 * (k + 1)]
+        trainer.train_step(x)
+        opt.zero_grad()
+        (-reference.elbo(x).total.mean()).backward()
+        opt.step()
+    trainer.close()
+    torch.testing.assert_close(flat_params(trainer.model), flat_params(reference))
+    assert (flat_params(trainer.model) - before).abs().max() > 1e-3  # the steps moved it
+
+
 class GradNaN(TinyModel):
     """At training call ``at`` adds ``sqrt(0 * s)`` to the reconstruction: a finite value
     (0) whose gradient ``0 / (2 sqrt(0))`` is NaN."""
