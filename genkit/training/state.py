@@ -146,6 +146,12 @@ class CheckpointMixin:
             )
         ckpt.load_module_state(self.model, state["model"], path, "model")
         ckpt.load_module_state(self.ema_model, state["ema"], path, "model's EMA")
+        # the optimisation settings of this run's config (lr, lr_multipliers' values, betas,
+        # weight_decay), which a resumed run keeps over the checkpoint's
+        settings = [
+            {k: group[k] for k in ("initial_lr", "betas", "weight_decay")}
+            for group in self.optimizer.param_groups
+        ]
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -170,12 +176,33 @@ class CheckpointMixin:
             self.total_steps = int(state["total_steps"])  # the calibrated budget, kept
             if self.logger is not None:
                 self.logger.set_total(self.total_steps)
+        try:  # after total_steps: the schedule's factor depends on it
+            self._apply_settings(settings)
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {path} does not match this run: {exc}") from None
         self._iter = None
         rng = state["rng"]
         if len(rng) == self.dist.world_size:
             ckpt.set_rng_state(rng[self.dist.rank])
         else:  # another world size: a fresh, still deterministic stream per rank
             self._seed_everything(self.config.seed + self.dist.rank + 7 * step)
+
+    def _apply_settings(self, settings: list[dict[str, Any]]) -> None:
+        """Put the config's rates, betas and weight decay back into the restored optimizer
+        (``settings``: one dict per parameter group, taken before the restore) and its
+        schedule: ``lr = base * factor(step)`` as the schedule computes it, so an unchanged
+        config restores the very same floats (and the run stays exact)."""
+        groups = self.optimizer.param_groups
+        if len(settings) != len(groups):
+            raise ValueError(
+                f"{len(groups)} parameter groups in the checkpoint, {len(settings)} in this "
+                "run's (lr_multipliers differ)"
+            )
+        step = self.scheduler.last_epoch
+        for i, (group, mine) in enumerate(zip(groups, settings, strict=True)):
+            group.update(mine)
+            self.scheduler.base_lrs[i] = mine["initial_lr"]
+            group["lr"] = mine["initial_lr"] * self.scheduler.lr_lambdas[i](step)
 
     def _gather_rng(self) -> list[dict[str, Any]]:
         """Every rank's random state, by rank (a collective under DDP)."""

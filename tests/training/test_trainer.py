@@ -217,6 +217,61 @@ def test_resume_in_process_equals_uninterrupted(tmp_path):
     assert torch.equal(flat_params(full.ema_model), flat_params(second.ema_model))
 
 
+def test_a_resumed_run_takes_the_rates_betas_and_weight_decay_of_its_new_config(tmp_path):
+    """Resumed with another lr, lr multiplier, betas and weight decay, the run steps with them
+    (the checkpoint's would be silently kept otherwise): the logged lr of the first resumed
+    step is the new base rate times the schedule's factor at that step, and each group
+    carries the new settings."""
+    data = tiny_images(96)
+    cfg = TrainConfig(steps=12, lr=0.01, lr_multipliers={"lin": 0.5}, **FAST)
+    first = Trainer(TinyModel(), cfg, data, run_dir=tmp_path / "run", progress=False)
+    first.start()
+    first.train(5)
+    first.save_checkpoint()
+    first.close()
+    rec = Recorder()
+    changed = attrs.evolve(
+        cfg,
+        lr=0.001,
+        lr_multipliers={"lin": 2.0},
+        betas=(0.5, 0.9),
+        weight_decay=0.25,
+        log_every=1,
+    )
+    second = Trainer(
+        TinyModel(),
+        changed,
+        data,
+        run_dir=tmp_path / "run",
+        catalog=catalog_with(rec),
+        progress=False,
+    )
+    second.start(resume=True)
+    second.train(6)
+    second.close()
+    factor = changed.lr_factor(5, 12)  # step 6 (1-based) uses the factor at 5
+    assert rec.of("step")[0][2]["lr"] == pytest.approx(0.001 * factor)
+    base, lin = second.optimizer.param_groups
+    assert (base["initial_lr"], lin["initial_lr"]) == pytest.approx((0.001, 0.002))
+    assert base["betas"] == lin["betas"] == (0.5, 0.9)
+    assert base["weight_decay"] == lin["weight_decay"] == 0.25
+    assert second.scheduler.base_lrs == pytest.approx([0.001, 0.002])
+
+
+def test_a_resume_with_other_lr_multiplier_keys_is_a_clear_error(tmp_path):
+    data = tiny_images(96)
+    cfg = TrainConfig(steps=12, **FAST)
+    first = Trainer(TinyModel(), cfg, data, run_dir=tmp_path / "run", progress=False)
+    first.start()
+    first.train(2)
+    first.save_checkpoint()
+    first.close()
+    other = attrs.evolve(cfg, lr_multipliers={"lin": 2.0})
+    second = Trainer(TinyModel(), other, data, run_dir=tmp_path / "run", progress=False)
+    with pytest.raises(CheckpointError, match="parameter groups"):
+        second.start(resume=True)
+
+
 def test_epochs_set_the_number_of_steps(images):
     cfg = TrainConfig(epochs=2, batch_size=32, eval_every=0)  # 96 // 32 = 3 batches/epoch
     trainer = Trainer(TinyModel(), cfg, images, progress=False)
