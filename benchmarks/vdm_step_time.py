@@ -4,7 +4,7 @@ other layout, in one process.
 
     python benchmarks/vdm_step_time.py [--batch-size 16] [--steps 40] [--modes fp32,bf16,compile]
         [--params '{"channels": 32, "channel_mults": [1, 2], "attention_resolution": 8}']
-        [--shape 1,8,8] [--threads N]
+        [--shape 1,8,8] [--threads N] [--adamw fused|loop]
 
 A step is what the Trainer does per batch: the ELBO's objective, backward and fused AdamW, on random
 8-bit images in ``channels_last`` (the Trainer's layout for images). For each mode it prints
@@ -26,7 +26,12 @@ import genkit
 
 
 def step_time(
-    mode: str, params: dict, batch_size: int, steps: int, shape: tuple[int, ...] = (1, 28, 28)
+    mode: str,
+    params: dict,
+    batch_size: int,
+    steps: int,
+    shape: tuple[int, ...] = (1, 28, 28),
+    fused: bool = True,
 ) -> tuple[float, float]:
     """``(first step seconds, mean seconds per step)`` of ``mode`` (module docstring)."""
     torch.manual_seed(0)
@@ -35,7 +40,8 @@ def step_time(
     if mode == "compile":
         for child in model.children():
             child.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the Trainer's
+    # fused as the Trainer's; ``loop``: torch's loop over the parameters
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=False)
     x = torch.randint(0, 256, (batch_size, *shape)).float() / 127.5 - 1
     x = x.contiguous(memory_format=torch.channels_last)
 
@@ -65,16 +71,19 @@ def main() -> None:
     ap.add_argument("--params", default="{}", help="create_model keyword arguments (JSON)")
     ap.add_argument("--shape", default="1,28,28", help="C,H,W of the images")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--adamw", choices=("fused", "loop"), default="fused")
     args = ap.parse_args()
     params = json.loads(args.params)
     shape = tuple(int(n) for n in args.shape.split(","))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     for mode in args.modes.split(","):
-        first, per = step_time(mode, params, args.batch_size, args.steps, shape)
+        first, per = step_time(
+            mode, params, args.batch_size, args.steps, shape, args.adamw == "fused"
+        )
         print(
             f"{mode:<8} {per:.4f} s/step (first step {first:.1f} s), batch {args.batch_size}, "
-            f"shape {shape}, "
+            f"shape {shape}, AdamW {args.adamw}, "
             f"params {params or 'defaults'}, {torch.get_num_threads()} threads",
             flush=True,
         )
