@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from genkit.data import batch_tensor, open_dataset
+from genkit.distributions import to_model_scale, to_pixels
 from genkit.training.cli import load_run
 
 #: Band edges in lambda, high to low.
@@ -47,14 +48,14 @@ def stack(dataset, limit: int | None = None) -> torch.Tensor:
 def marginal_log_probs(x: torch.Tensor) -> torch.Tensor:
     """``log P(v)`` of the 256 values over all pixels of ``x`` (model scale), add-0.001
     smoothing so that no value has probability 0."""
-    counts = torch.bincount(torch.round((x.reshape(-1) + 1) * 127.5).long(), minlength=256)
+    counts = torch.bincount(to_pixels(x.reshape(-1)).long(), minlength=256)
     p = counts.double() + 1e-3
     return (p / p.sum()).log()
 
 
 def oracle_x0(z: torch.Tensor, alpha: float, sigma: float, log_p: torch.Tensor) -> torch.Tensor:
     """``E[x_i | z_i]`` per pixel: ``sum_v v P(v) N(z_i; alpha v, sigma^2) / sum_v (...)``."""
-    grid = torch.arange(256, dtype=z.dtype) / 127.5 - 1
+    grid = to_model_scale(torch.arange(256)).to(z.dtype)
     logits = log_p.to(z.dtype) - 0.5 * ((z.unsqueeze(-1) - alpha * grid) / sigma).square()
     return (torch.softmax(logits, dim=-1) * grid).sum(-1)
 
@@ -68,10 +69,7 @@ def profile(model, x: torch.Tensor, log_p: torch.Tensor, grid: int, draws: int, 
     gen = torch.Generator().manual_seed(seed)
     for j in range(grid):
         lam = lo + (j + 0.5) * width
-        alpha, sigma = (
-            math.sqrt(torch.sigmoid(torch.tensor(lam)).item()),
-            math.sqrt(torch.sigmoid(torch.tensor(-lam)).item()),
-        )
+        alpha, sigma = (float(c) for c in model.encoder.coefficients(torch.tensor(lam)))
         net = orc = 0.0
         for _ in range(draws):
             eps = torch.randn(x.shape, generator=gen)
@@ -103,15 +101,12 @@ def main() -> None:
     train = stack(open_dataset(info["data"], "train"))
     log_p = marginal_log_probs(train)
     scale = model.num_dims * math.log(2)
-    from genkit_vdm.continuous_elbo import reconstruction
-
     ends = model.schedule.end_points()
     torch.manual_seed(args.seed)
-    recon = -torch.stack([reconstruction(model, test, ends[0]) for _ in range(4)]).mean() / scale
-    alpha_1, sigma_1 = (float(c) for c in model.encoder.coefficients(ends[1]))
-    # KL(N(alpha_1 x, sigma_1^2) || N(0, 1)) per dimension, summed
-    kl = 0.5 * (alpha_1**2 * test.square() + sigma_1**2 - 1 - math.log(sigma_1**2))
-    prior = kl.flatten(1).sum(1).mean().item() / scale
+    # the two end terms as the model's ELBO computes them, the reconstruction over 4 draws
+    terms = [model.elbo(test).terms for _ in range(4)]
+    recon = -sum(t["reconstruction"].mean().item() for t in terms) / 4 / scale
+    prior = -terms[0]["prior_matching"].mean().item() / scale
     rows = profile(model, test, log_p, args.grid, args.draws, args.seed)
     net_total = sum(r[1] for r in rows)
     orc_total = sum(r[2] for r in rows)

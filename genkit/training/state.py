@@ -176,10 +176,7 @@ class CheckpointMixin:
             self.total_steps = int(state["total_steps"])  # the calibrated budget, kept
             if self.logger is not None:
                 self.logger.set_total(self.total_steps)
-        try:  # after total_steps: the schedule's factor depends on it
-            self._apply_settings(settings)
-        except ValueError as exc:
-            raise CheckpointError(f"checkpoint {path} does not match this run: {exc}") from None
+        self._apply_settings(settings)  # after total_steps: the schedule's factor needs it
         self._iter = None
         rng = state["rng"]
         if len(rng) == self.dist.world_size:
@@ -189,15 +186,11 @@ class CheckpointMixin:
 
     def _apply_settings(self, settings: list[dict[str, Any]]) -> None:
         """Put the config's rates, betas and weight decay back into the restored optimizer
-        (``settings``: one dict per parameter group, taken before the restore) and its
-        schedule: ``lr = base * factor(step)`` as the schedule computes it, so an unchanged
-        config restores the very same floats (and the run stays exact)."""
+        (``settings``: one dict per parameter group, taken before the restore, which has
+        already refused another number of groups) and its schedule: ``lr = base *
+        factor(step)`` as the schedule computes it, so an unchanged config restores the very
+        same floats (and the run stays exact)."""
         groups = self.optimizer.param_groups
-        if len(settings) != len(groups):
-            raise ValueError(
-                f"{len(groups)} parameter groups in the checkpoint, {len(settings)} in this "
-                "run's (lr_multipliers differ)"
-            )
         step = self.scheduler.last_epoch
         for i, (group, mine) in enumerate(zip(groups, settings, strict=True)):
             group.update(mine)
