@@ -311,16 +311,19 @@ def recipe_extractor(
     test: Any,
     *,
     device: torch.device | None = None,
+    cache_dir: Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> Any:
     """The feature extractor a recipe run's ``[eval]`` settings name (``features``,
     ``feature_params``) on the recipe's splits: ``genkit run`` builds it once before anything
     trains, so that missing weights or labels stop the recipe then (a classifier is trained
-    and cached at that point), and again, from the cache, for each run's metrics."""
+    and cached at that point, under :func:`genkit_cache` of ``cache_dir``, the recipe's
+    ``--cache-dir``), and again, from the cache, for each run's metrics."""
     context = FeatureContext(
         data=str(train.path),
         train=train,
         test=test,
+        cache_dir=cache_dir,
         device=device if device is not None else torch.device("cpu"),
         echo=echo,
     )
@@ -335,6 +338,7 @@ def run_sample_metrics(
     *,
     sample_params: Mapping[str, Any],
     seed: int,
+    cache_dir: Path | None = None,
     echo: Callable[[str], None] = print,
     progress: bool = False,
     floor: bool = True,
@@ -343,7 +347,9 @@ def run_sample_metrics(
     ``metric_samples``, ``features``, ``feature_params``, ``batch_size``), the splits the
     recipe opened (their file is the data the classifier cache is keyed by)."""
     device = _device_of(model)
-    extractor = recipe_extractor(settings, train, test, device=device, echo=echo)
+    extractor = recipe_extractor(
+        settings, train, test, device=device, cache_dir=cache_dir, echo=echo
+    )
     return sample_metrics(
         model,
         extractor,
@@ -368,6 +374,7 @@ def quality_curve(
     quality: Mapping[str, Any],
     sample_params: Mapping[str, Any],
     seed: int,
+    cache_dir: Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Sample quality against sampling cost: one point per ``settings.metric_steps`` for a
@@ -398,7 +405,8 @@ def quality_curve(
         else:
             block = run_sample_metrics(
                 model, train, test, settings,
-                sample_params={**sample_params, "steps": steps}, seed=seed, echo=echo, floor=False,
+                sample_params={**sample_params, "steps": steps}, seed=seed, cache_dir=cache_dir,
+                echo=echo, floor=False,
             )  # fmt: skip
         curve.append(point(steps, block))
     return curve

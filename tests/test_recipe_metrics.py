@@ -118,3 +118,13 @@ def test_missing_weights_stop_the_recipe_before_anything_trains(tmp_path, monkey
     text = invoke("run", path, code=1)
     assert "inception" in text.lower() and len(text.strip().splitlines()) == 1
     assert "[runs.vae]" in text and not (tmp_path / "out" / "runs").exists()
+
+
+def test_the_classifier_is_cached_under_the_recipes_cache_dir(tmp_path, monkeypatch):
+    """``genkit run --cache-dir D`` keeps the trained classifier in D/classifiers, as ``genkit
+    eval --cache-dir D`` does, and writes nothing under $GENKIT_CACHE."""
+    env_cache, cache_dir = tmp_path / "env", tmp_path / "given"
+    monkeypatch.setenv("GENKIT_CACHE", str(env_cache))
+    invoke("run", recipe(tmp_path, metrics='["fid"]'), "--quiet", "--cache-dir", cache_dir)
+    assert len(list((cache_dir / "classifiers").glob("*.pt"))) == 1
+    assert not (env_cache / "classifiers").exists()

@@ -95,7 +95,7 @@ def run(
                 from genkit.features import recipe_extractor
 
                 try:
-                    recipe_extractor(item.eval, train_ds, test_ds, echo=echo)
+                    recipe_extractor(item.eval, train_ds, test_ds, cache_dir=cache_dir, echo=echo)
                 except GenkitError as exc:
                     raise type(exc)(f"{recipe.source} [runs.{item.spec.name}]: {exc}") from None
                 built.add(key)
@@ -130,6 +130,7 @@ def run(
                     action=actions[item.spec.name],
                     quiet=quiet or not main,
                     echo=echo,
+                    cache_dir=cache_dir,
                 )
                 if row is None:
                     if main:

@@ -303,12 +303,13 @@ def run_one(
     action: str,
     quiet: bool,
     echo: Callable[[str], None],
+    cache_dir: Path | None = None,
 ) -> dict[str, Any] | None:
     """Train, evaluate and sample one run as :func:`plan` decided (``action``); its report
     row (also written to ``runs/NAME/result.json``), or ``None`` if a signal stopped it (after
     its checkpoint). Under ``torchrun`` every rank calls it: the run trains with DDP and its
     evaluation is sharded (:func:`genkit.evaluation.evaluate`); rank 0 alone moves, samples
-    and writes files."""
+    and writes files. ``cache_dir`` (``--cache-dir``) roots the feature classifier's cache."""
     from genkit.registry import create_model, create_run_model, resolved_params
     from genkit.training import checkpoint as ckpt
     from genkit.training.cli import read_run_config
@@ -363,6 +364,7 @@ def run_one(
             run.eval,
             sample_params=run.config.sample_params,
             seed=run.config.seed,
+            cache_dir=cache_dir,
             echo=echo,
             progress=not quiet,
         )
@@ -374,6 +376,7 @@ def run_one(
             quality=quality,
             sample_params=run.config.sample_params,
             seed=run.config.seed,
+            cache_dir=cache_dir,
             echo=echo,
         )
     if not main:  # rank 0 draws the grid and writes; the others have done their share
