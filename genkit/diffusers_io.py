@@ -206,7 +206,33 @@ def from_diffusers(path_or_pipeline: str | os.PathLike | Any) -> torch.nn.Module
         params["variance"] = "posterior"  # a genkit export: decoder scale sqrt(beta_1)
     model = create_model("vdm", data_shape, **params)
     model.net.unet.load_state_dict(unet.state_dict())
+    if "loss_moments" in extra:
+        _load_loss_moments(model, extra["loss_moments"], where)
     return model.eval()
+
+
+def _load_loss_moments(model: torch.nn.Module, entry: Any, where: str) -> None:
+    """Fill the imported model's loss-aware statistics (``loss_moments.mean_sq``, ``seen``:
+    E[L_t^2] per step and its count) from a genkit export's ``genkit.json``, so that its
+    evaluation draws t from the proposal genkit trained with instead of fitting a pilot."""
+    moments = getattr(model, "loss_moments", None)
+    try:
+        mean_sq = torch.tensor(entry["mean_sq"], dtype=torch.float64)
+        seen = torch.tensor(entry["seen"], dtype=torch.int64)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise IncompatibleModelError(
+            f"{where}: {GENKIT_FILE} loss_moments must hold the lists mean_sq and seen ({exc})"
+        ) from None
+    steps = model.timesteps
+    if moments is None or mean_sq.shape != (steps,) or seen.shape != (steps,):
+        raise IncompatibleModelError(
+            f"{where}: {GENKIT_FILE} loss_moments holds {mean_sq.numel()} mean_sq and "
+            f"{seen.numel()} seen entries; the scheduler has {steps} steps"
+        )
+    if not bool(torch.isfinite(mean_sq).all() and (mean_sq >= 0).all() and (seen >= 0).all()):
+        raise IncompatibleModelError(f"{where}: {GENKIT_FILE} loss_moments must be finite and >= 0")
+    moments.mean_sq.copy_(mean_sq)
+    moments.seen.copy_(seen)
 
 
 def load_for_eval(
@@ -260,7 +286,8 @@ def export_diffusers(model: torch.nn.Module, out: str | os.PathLike) -> Path:
     """Write a discrete genkit VDM with the diffusers denoiser as a ``DDPMPipeline`` folder
     ``out`` (``DDPMPipeline.from_pretrained(out)``), with the ``DDPMScheduler`` of the same
     betas, prediction and variance type, plus ``genkit.json`` (the decoder variance diffusers
-    has no key for). Written to a temporary folder beside ``out``, then renamed; an existing
+    has no key for, and the loss-aware proposal's statistics, which :func:`from_diffusers`
+    reads back so that an evaluation draws t as the native model's does). Written to a temporary folder beside ``out``, then renamed; an existing
     ``out`` is an :class:`OutputError`."""
     diffusers = require_diffusers()
     out = Path(out).expanduser()
@@ -286,7 +313,16 @@ def export_diffusers(model: torch.nn.Module, out: str | os.PathLike) -> Path:
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        info = {"variance": cfg.variance, "parameterization": cfg.parameterization}
+        info: dict[str, Any] = {
+            "variance": cfg.variance,
+            "parameterization": cfg.parameterization,
+        }
+        moments = getattr(model, "loss_moments", None)
+        if moments is not None and int(moments.seen.sum()) > 0:
+            info["loss_moments"] = {
+                "mean_sq": moments.mean_sq.tolist(),
+                "seen": moments.seen.tolist(),
+            }
         (tmp / GENKIT_FILE).write_text(json.dumps(info, indent=2) + "\n")
         os.rename(tmp, out)
     except OSError as exc:

@@ -274,6 +274,45 @@ def test_diffusers_denoiser_trains_and_exports_to_a_loadable_pipeline(tmp_path):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
+def test_an_export_carries_the_loss_aware_statistics_back_into_the_import(tmp_path):
+    """genkit.json holds E[L_t^2] and its counts, so the re-imported model evaluates with the
+    native model's proposal (the same draws and network calls), not a pilot fit of its own;
+    statistics of another length are one line."""
+    from genkit.diffusers_io import GENKIT_FILE, export_diffusers
+
+    model = genkit.create_model(
+        "vdm", SHAPE, timesteps=50, denoiser="diffusers", unet=UNET, clip_denoised=False
+    ).eval()
+    steps = torch.arange(1, 51, dtype=torch.float64)
+    model.loss_moments.mean_sq.copy_(1e4 / steps)  # warm: every step seen history times
+    model.loss_moments.seen.fill_(model.config.t_history)
+    again = genkit.from_diffusers(export_diffusers(model, tmp_path / "e"))
+    assert torch.equal(again.loss_moments.mean_sq, model.loss_moments.mean_sq)
+    assert torch.equal(again.loss_moments.seen, model.loss_moments.seen)
+    x = pixels(4)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        a = model.elbo(x)
+        torch.manual_seed(3)
+        b = again.elbo(x)
+    assert a.nfe == b.nfe
+    torch.testing.assert_close(a.total, b.total, rtol=1e-5, atol=1e-4)
+
+    model.loss_moments.seen.zero_()  # nothing recorded: nothing written, the import fits a pilot
+    bare = genkit.from_diffusers(export_diffusers(model, tmp_path / "bare"))
+    assert "loss_moments" not in json.loads((tmp_path / "bare" / GENKIT_FILE).read_text())
+    with torch.no_grad():
+        assert bare.elbo(x).nfe > a.nfe
+
+    info = json.loads((tmp_path / "e" / GENKIT_FILE).read_text())
+    info["loss_moments"]["seen"] = info["loss_moments"]["seen"][:-1]
+    (tmp_path / "e" / GENKIT_FILE).write_text(json.dumps(info))
+    with pytest.raises(
+        IncompatibleModelError, match="50 mean_sq and 49 seen entries; the scheduler has 50 steps"
+    ):
+        genkit.from_diffusers(tmp_path / "e")
+
+
 # -- command line ------------------------------------------------------------------------
 def test_cli_eval_diffusers_on_digits(tmp_path):
     from click.testing import CliRunner
