@@ -287,8 +287,9 @@ def export_diffusers(model: torch.nn.Module, out: str | os.PathLike) -> Path:
     ``out`` (``DDPMPipeline.from_pretrained(out)``), with the ``DDPMScheduler`` of the same
     betas, prediction and variance type, plus ``genkit.json`` (the decoder variance diffusers
     has no key for, and the loss-aware proposal's statistics, which :func:`from_diffusers`
-    reads back so that an evaluation draws t as the native model's does). Written to a temporary folder beside ``out``, then renamed; an existing
-    ``out`` is an :class:`OutputError`."""
+    reads back so that an evaluation draws t as the native model's does). Written to a
+    temporary folder beside ``out``, then renamed; an existing ``out`` is an
+    :class:`OutputError`."""
     diffusers = require_diffusers()
     out = Path(out).expanduser()
     cfg = getattr(model, "config", None)
