@@ -79,6 +79,15 @@ class LatentVariableModel(nn.Module, abc.ABC):
         """``D``, the number of data dimensions (the denominator of bits/dim)."""
         return math.prod(self.data_shape)
 
+    @property
+    def train_defaults(self) -> dict[str, Any]:
+        """Optimisation settings (fields of :class:`genkit.training.TrainConfig`, those in
+        ``genkit.training.config.MODEL_DEFAULT_FIELDS``) this model trains best with, where
+        they differ from the trainer's shared defaults: ``genkit train`` and ``genkit run``
+        put them under whatever the user sets (``--set``, a recipe's ``[train]``). None by
+        default; a plugin's model overrides this property to declare its own."""
+        return {}
+
     def elbo(self, x: Tensor, estimator: str | ELBO | None = None, **params: Any) -> ELBOTerms:
         """A Monte-Carlo estimate of ``ELBO = E_q[log p(x, z) - log q(z | x)]`` for the batch
         ``x: (B, *data_shape)``, as per-sample :class:`~genkit.elbo.ELBOTerms` in nats.

@@ -141,7 +141,7 @@ def run(
             if not main:
                 return
             # every finished run of the recipe, --only or not, made by its present settings
-            rows = finished_rows(recipe, out, data, echo)
+            rows = finished_rows(recipe, out, data, echo, prepared, tuple(train_ds.data_shape))
             seconds = time.perf_counter() - began
             info = {k: v for k, v in attrs.asdict(recipe).items() if k not in ("runs", "source")}
             info["source"] = recipe.source

@@ -20,7 +20,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from genkit.elbo import LN2
 from genkit.errors import ConfigError, GenkitError
 from genkit.files import output_lock
 from genkit.recipes.schema import Budget, EvalSettings, Recipe, RunSpec
-from genkit.training.config import TrainConfig, config_dict, make_config
+from genkit.training.config import TrainConfig, config_dict, make_config, with_model_defaults
 
 #: Train settings a recipe sets from its other tables: in ``[train]`` they are an error.
 OWNED_ELSEWHERE = {
@@ -65,6 +65,8 @@ class PreparedRun:
     eval: EvalSettings
     decoder: str
     made_by: dict[str, Any]
+    #: the model's own training defaults, under the recipe's settings in ``config``
+    train_defaults: dict[str, Any] = attrs.field(factory=dict)
 
 
 def _where(recipe: Recipe, spec: RunSpec | None = None) -> str:
@@ -96,9 +98,13 @@ def describe_decoder(model: torch.nn.Module) -> str:
     return "?"
 
 
-def resolve(recipe: Recipe, spec: RunSpec) -> tuple[Budget, EvalSettings, TrainConfig]:
+def resolve(
+    recipe: Recipe, spec: RunSpec, model_defaults: Mapping[str, Any] | None = None
+) -> tuple[Budget, EvalSettings, TrainConfig]:
     """The budget, evaluation settings and merged train config of the run ``spec``: the
-    recipe's tables with the run's overrides. A bad one is a :class:`GenkitError`."""
+    recipe's tables with the run's overrides, over ``model_defaults`` (the model's own
+    :attr:`~genkit.LatentVariableModel.train_defaults`, :func:`model_train_defaults`). A bad
+    one is a :class:`GenkitError`."""
     budget, settings = recipe.budget_for(spec), recipe.eval_for(spec)
     shared = {**recipe.train, **spec.train}
     owned = sorted(set(shared) & set(OWNED_ELSEWHERE))
@@ -108,6 +114,7 @@ def resolve(recipe: Recipe, spec: RunSpec) -> tuple[Budget, EvalSettings, TrainC
             "set it there"
         )
     fields = {
+        **(model_defaults or {}),
         **shared,
         **budget.train_fields(),
         "objective_weights": {
@@ -129,11 +136,22 @@ def resolve(recipe: Recipe, spec: RunSpec) -> tuple[Budget, EvalSettings, TrainC
     return budget, settings, make_config(fields, where=f"train settings ({where})")
 
 
-def record(recipe: Recipe, spec: RunSpec, data: dict[str, Any]) -> dict[str, Any]:
+def model_train_defaults(model: Any, spec: RunSpec) -> dict[str, Any]:
+    """The training defaults the run's model declares (checked fields only)."""
+    return with_model_defaults(model, {}, spec.model)
+
+
+def record(
+    recipe: Recipe,
+    spec: RunSpec,
+    data: dict[str, Any],
+    model_defaults: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """What makes the run ``spec`` of ``recipe`` on the data identified by ``data``: its
-    resolved recipe entry (model, parameters, objective weights, train config, budget,
-    evaluation, sampling) and the data's identity and genkit's version."""
-    budget, settings, config = resolve(recipe, spec)
+    resolved recipe entry (model, parameters, objective weights, train config over the
+    model's ``model_defaults``, budget, evaluation, sampling) and the data's identity and
+    genkit's version."""
+    budget, settings, config = resolve(recipe, spec, model_defaults)
     entry = {
         "model": spec.model,
         "params": spec.params,
@@ -167,9 +185,12 @@ def prepare(
         where = _where(recipe, spec)
         try:
             budget, settings, config = resolve(recipe, spec)
-            _check_batches(config, len(train_ds))
             torch.manual_seed(config.seed)
             model = create_model(spec.model, shape, **spec.params)
+            defaults = model_train_defaults(model, spec)
+            if defaults:  # the recipe's settings over the model's own
+                budget, settings, config = resolve(recipe, spec, defaults)
+            _check_batches(config, len(train_ds))
             check_sample_params(model, config.sample_params, spec.model)
             if settings.metrics:
                 from genkit.features import check_feature_extractor
@@ -189,8 +210,8 @@ def prepare(
             decoder = describe_decoder(model)
         except GenkitError as exc:
             raise _reraise(exc, where) from None
-        made = record(recipe, spec, data)
-        prepared.append(PreparedRun(spec, config, budget, settings, decoder, made))
+        made = record(recipe, spec, data, defaults)
+        prepared.append(PreparedRun(spec, config, budget, settings, decoder, made, defaults))
     return prepared
 
 
@@ -441,18 +462,36 @@ def read_result(path: Path) -> dict[str, Any]:
 
 
 def finished_rows(
-    recipe: Recipe, out: Path, data: dict[str, Any], echo: Callable[[str], None]
+    recipe: Recipe,
+    out: Path,
+    data: dict[str, Any],
+    echo: Callable[[str], None],
+    prepared: Sequence[PreparedRun] = (),
+    data_shape: tuple[int, ...] | None = None,
 ) -> list[dict[str, Any]]:
     """The report rows of every finished run of ``recipe`` in ``out``, in the recipe's order:
     those made by the recipe's settings on the data identified by ``data``. A result made by
-    other settings (a run left out by ``--only``) is left out of the report, with a line."""
+    other settings (a run left out by ``--only``) is left out of the report, with a line.
+    A run's model defaults come from ``prepared``; one not prepared (left out by ``--only``)
+    has its model built on ``data_shape`` to read them."""
+    from genkit.registry import create_model
+
+    known = {item.spec.name: item.train_defaults for item in prepared}
     rows = []
     for spec in recipe.runs:
         path = run_dir_of(out, spec.name) / "result.json"
         if not path.is_file():
             continue
         row = read_result(path)
-        differences = provenance.changes(row.get(provenance.KEY), record(recipe, spec, data))
+        defaults = known.get(spec.name)
+        if defaults is None and data_shape is not None:
+            try:
+                model = create_model(spec.model, data_shape, **spec.params)
+                defaults = model_train_defaults(model, spec)
+            except GenkitError:  # the comparison below then names what changed
+                defaults = None
+        current = record(recipe, spec, data, defaults)
+        differences = provenance.changes(row.get(provenance.KEY), current)
         if differences:
             echo(
                 f"{spec.name}: its result in {path} was made by other settings or data "

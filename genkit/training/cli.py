@@ -22,7 +22,13 @@ from genkit.errors import CheckpointError, ConfigError, DataError
 from genkit.files import output_lock
 from genkit.training import checkpoint as ckpt
 from genkit.training import distributed
-from genkit.training.config import apply_overrides, config_dict, make_config, parse_pairs
+from genkit.training.config import (
+    apply_overrides,
+    config_dict,
+    make_config,
+    parse_pairs,
+    with_model_defaults,
+)
 from genkit.training.logging import format_result, image_format, image_grid, save_image
 
 
@@ -170,11 +176,16 @@ def train(
         train_ds = open_split(spec, "train", cache_dir=cache_dir)
         test_ds = open_split(spec, "test", required=False, cache_dir=cache_dir)
         check_splits(train_ds, test_ds)
-        made = provenance.made_by(
-            {"model": model_name, "params": model_params, "train": config_dict(config)},
-            data_identity(spec, cache_dir),
-            command="genkit train",
-        )
+        identity = data_identity(spec, cache_dir)
+
+        def record() -> dict[str, Any]:
+            return provenance.made_by(
+                {"model": model_name, "params": model_params, "train": config_dict(config)},
+                identity,
+                command="genkit train",
+            )
+
+        made = record()
         if resume:  # before anything is written: the run continues on the data it began on
             changed = provenance.data_changes(saved.get(provenance.KEY), made)
             if changed:
@@ -186,8 +197,12 @@ def train(
         shape = tuple(train_ds.data_shape)
         if resume:  # the model the run recorded, whatever today's defaults
             model = create_run_model({**saved["model"], "params": model_params}, shape)
-        else:
+        else:  # the model's own training defaults under what --set gave
             model = create_model(model_name, shape, **model_params)
+            merged = with_model_defaults(model, train_cfg, model_name)
+            if merged != train_cfg:
+                config = make_config(merged, where=f"train config (--set over {model_name}'s)")
+                made = record()
         run_info = {
             "model": {
                 "name": model_name,

@@ -257,6 +257,39 @@ def apply_overrides(
     return train, model
 
 
+#: The TrainConfig fields a model may give a default of its own
+#: (:attr:`genkit.LatentVariableModel.train_defaults`): how it is optimised, not where or on
+#: what it runs.
+MODEL_DEFAULT_FIELDS = (
+    "lr",
+    "betas",
+    "weight_decay",
+    "lr_warmup_steps",
+    "schedule",
+    "min_lr_ratio",
+    "batch_size",
+    "grad_clip",
+    "ema_decay",
+    "lr_multipliers",
+)
+
+
+def with_model_defaults(model: Any, given: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """``given`` (the train settings the user set) over ``model.train_defaults``: the model's
+    own defaults fill the keys the user left out. A default outside
+    :data:`MODEL_DEFAULT_FIELDS` is a :class:`~genkit.errors.PluginError` naming the model."""
+    from genkit.errors import PluginError
+
+    defaults = dict(getattr(model, "train_defaults", None) or {})
+    bad = sorted(set(defaults) - set(MODEL_DEFAULT_FIELDS))
+    if bad:
+        raise PluginError(
+            f"model '{name}' declares train_defaults for '{bad[0]}'; a model may give only "
+            f"{', '.join(MODEL_DEFAULT_FIELDS)}"
+        )
+    return {**defaults, **given}
+
+
 def make_config(data: Mapping[str, Any], *, where: str = "train config") -> TrainConfig:
     """:func:`genkit.config.structure` into :class:`TrainConfig` (clear errors)."""
     return structure(TrainConfig, data, where=where)
