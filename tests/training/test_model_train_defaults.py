@@ -112,4 +112,4 @@ def test_a_model_may_default_only_optimisation_settings():
         with_model_defaults(Model(), {}, "m")
     model = genkit.create_model("vdm", (1, 8, 8), timesteps=0, channels=8)
     assert with_model_defaults(model, {"lr": 1.0, "steps": 3}, "vdm") == {"lr": 1.0, "steps": 3}
-    assert with_model_defaults(model, {}, "vdm") == {"lr": 4e-3}
+    assert with_model_defaults(model, {}, "vdm") == {"lr": 4e-3, "lr_warmup_steps": 500}
