@@ -111,5 +111,6 @@ def test_a_model_may_default_only_optimisation_settings():
     with pytest.raises(PluginError, match="model 'm' declares train_defaults for 'device'"):
         with_model_defaults(Model(), {}, "m")
     model = genkit.create_model("vdm", (1, 8, 8), timesteps=0, channels=8)
-    assert with_model_defaults(model, {"lr": 1.0, "steps": 3}, "vdm") == {"lr": 1.0, "steps": 3}
+    given = {"lr": 1.0, "steps": 3}  # the user's keys win, the others are the model's
+    assert with_model_defaults(model, given, "vdm") == {**given, "lr_warmup_steps": 500}
     assert with_model_defaults(model, {}, "vdm") == {"lr": 4e-3, "lr_warmup_steps": 500}
