@@ -8,6 +8,7 @@ the base class of both models.
 
 from __future__ import annotations
 
+import abc
 from typing import Any, ClassVar
 
 import attrs
@@ -409,10 +410,10 @@ class VDMBase(LatentVariableModel):
     decoder: ReverseProcess
     prior: StandardNormalPrior
 
+    @abc.abstractmethod
     def _estimator_settings(self) -> dict[str, Any]:
         """The model's settings of a ``denoising_matching`` estimator: the defaults of one
         built without a name (:func:`vdm_estimator`)."""
-        raise NotImplementedError
 
     @property
     def net(self) -> nn.Module:
